@@ -75,7 +75,10 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[DType, tuple[int, ...], int, int]], dict[str, str]]:
+HeaderEntry = tuple[DType, tuple[int, ...], int, int]
+
+
+def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
     """Validate a header's JSON text; returns {key: (dtype, shape, begin, end)} relative to the
     data section, and the ``__metadata__`` dict. Raises ValueError with the problem."""
     try:
@@ -96,7 +99,7 @@ def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[DType, tupl
     _check_depth(obj)
 
     metadata: dict[str, str] = {}
-    entries: dict[str, tuple[DType, tuple[int, ...], int, int]] = {}
+    entries: dict[str, HeaderEntry] = {}
     for key, ent in obj.items():
         if key == "__metadata__":
             if not isinstance(ent, dict) or not all(
@@ -145,7 +148,7 @@ def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[DType, tupl
         entries[key] = (dt, tuple(shape), begin, end)
 
     spans = sorted((b, e, k) for k, (_, _, b, e) in entries.items() if e > b)
-    for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
+    for (_b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ValueError(f"tensors {k0!r} and {k1!r} overlap in the data section")
     return entries, metadata

@@ -1,0 +1,180 @@
+"""The ``streamexec`` command line: ``plan``, ``run`` and ``inspect``.
+
+Every failure the user can cause ends with one readable line on stderr and a non-zero exit code;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import NotImplementedYet, StreamexecError
+from .sizes import parse_size
+
+EPILOG = "Run 'streamexec COMMAND --help' for the flags of each command."
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamexec",
+        description=(
+            "Run huge image models (Stable Diffusion 1.5, FLUX.1) on a CPU inside a memory budget, "
+            "streaming the weights layer by layer from your own safetensors files."
+        ),
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"streamexec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "plan",
+        help="read a checkpoint's headers and write a layer-by-layer execution plan",
+        description=(
+            "Open MODEL (a .safetensors file, a diffusers component folder or a pipeline folder), "
+            "validate every header, and write plan.yaml: every op with its shapes, GEMM sizes, "
+            "FLOPs, weight and activation bytes, and the schedule that fits --memory-budget. "
+            "Reads headers only, never weight data."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help="checkpoint file or folder")
+    p.add_argument("--component", help="which component to plan (unet, vae, text_encoder, ...)")
+    p.add_argument("--variant", help="weight variant in a diffusers folder (e.g. fp16)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels")
+    p.add_argument("--batch", type=int, default=None, help="batch size (2 for classifier-free guidance)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps recorded in the plan")
+    p.add_argument(
+        "--memory-budget", default=None, metavar="SIZE",
+        help="peak RSS of the whole process, e.g. 512M, 1G, or 'auto'",
+    )
+    p.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default plan.yaml)")
+    p.add_argument(
+        "--check", action="store_true",
+        help="only open and validate the checkpoint and print what it holds",
+    )
+    _add_common(p)
+
+    r = sub.add_parser(
+        "run",
+        help="run a plan (or a model folder) and write a PNG",
+        description="Execute PLAN (plan.yaml, or a model folder planned on the fly) and write an image.",
+    )
+    r.add_argument("plan", metavar="PLAN", help="plan.yaml, or a model file/folder")
+    r.add_argument("--model", help="model folder for a shipped plan that does not name one")
+    r.add_argument("--prompt", default="", help="text prompt")
+    r.add_argument("--negative-prompt", default="", help="negative prompt (SD 1.5)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same image)")
+    r.add_argument("--steps", type=int, default=None, help="denoising steps")
+    r.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (SD 1.5)")
+    r.add_argument("--guidance", type=float, default=None, help="distilled guidance (FLUX.1-dev)")
+    r.add_argument(
+        "--sampler", choices=["euler", "euler_a", "ddim", "dpmpp_2m", "pndm"], default=None,
+        help="sampler (default: the checkpoint's scheduler)",
+    )
+    r.add_argument("--karras", action="store_true", help="Karras sigmas")
+    r.add_argument("--height", type=int, default=None)
+    r.add_argument("--width", type=int, default=None)
+    r.add_argument("--init-image", help="img2img: starting image")
+    r.add_argument("--strength", type=float, default=0.75, help="img2img strength")
+    r.add_argument("--tokenizer", help="tokenizer folder for single-file checkpoints")
+    r.add_argument("--memory-budget", default=None, metavar="SIZE", help="peak RSS bound, e.g. 1G or 'auto'")
+    r.add_argument("--latents-in", help="initial latents (.npy), as diffusers' latents= argument")
+    r.add_argument("--latents-out", help="write the final latents (.npy)")
+    r.add_argument("--resume", action="store_true", help="continue from --latents-out checkpoints")
+    r.add_argument("--trace", help="write a per-op trace (JSON)")
+    r.add_argument("--strict", action="store_true", help="abort if RSS exceeds the budget")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
+    _add_common(r)
+
+    i = sub.add_parser(
+        "inspect",
+        help="show a plan: per-layer matrices, FLOPs, bytes, memory timeline",
+        description="Per-layer table of a plan (op, shapes, MxNxK, GFLOPs, weight/activation MiB, "
+        "resident MiB, spills), totals, and a memory-timeline chart.",
+    )
+    i.add_argument("plan", metavar="PLAN", help="plan.yaml")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--chart", metavar="PNG", help="write a memory-timeline chart")
+    _add_common(i)
+    return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .weights.checkpoint import open_checkpoint
+    from .weights.describe import describe_checkpoint
+
+    if args.memory_budget not in (None, "auto"):
+        parse_size(args.memory_budget)
+    ckpt = open_checkpoint(args.model, variant=args.variant)
+    try:
+        if args.component is not None:
+            ckpt.component(args.component)
+        print(describe_checkpoint(ckpt))
+    finally:
+        ckpt.close()
+    if args.check:
+        return 0
+    raise NotImplementedYet("planning is not implemented yet; checkpoint is valid, nothing written")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    raise NotImplementedYet("'run' is not implemented yet; nothing written")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    raise NotImplementedYet("'inspect' is not implemented yet")
+
+
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except StreamexecError as e:
+        if args.debug:
+            raise
+        print(f"streamexec: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("streamexec: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("streamexec: error: out of memory (try a smaller --memory-budget plan)", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the one place that turns bugs into one line
+        if args.debug:
+            raise
+        print(
+            f"streamexec: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _entry() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry()
+
+
+__all__ = ["main", "build_parser"]

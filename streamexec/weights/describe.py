@@ -1,0 +1,84 @@
+"""What a checkpoint holds, in words: architecture guess per component, sizes by dtype."""
+
+from __future__ import annotations
+
+import re
+
+from ..sizes import format_size
+from .checkpoint import Checkpoint, Component
+
+#: component name -> the diffusers/transformers class it is run as.
+COMPONENT_CLASS = {
+    "unet": "UNet2DConditionModel",
+    "vae": "AutoencoderKL",
+    "transformer": "FluxTransformer2DModel",
+    "text_encoder": "CLIPTextModel",
+    "text_encoder_2": "T5EncoderModel",
+}
+
+
+def _count(comp: Component, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in comp.tensors if (m := rx.match(k))})
+
+
+def _dim(comp: Component, key: str, axis: int) -> int | None:
+    t = comp.tensors.get(key)
+    return t.shape[axis] if t is not None and len(t.shape) > axis else None
+
+
+def architecture(comp: Component) -> str:
+    """A one-line guess of what the component is, from its tensor names and shapes."""
+    n = comp.name
+    if n == "unet":
+        blocks = _count(comp, r"down_blocks\.(\d+)\.")
+        chans = [
+            _dim(comp, f"down_blocks.{i}.resnets.0.conv1.weight", 0) for i in range(blocks)
+        ]
+        cross = next(
+            (t.shape[1] for k, t in comp.tensors.items() if k.endswith("attn2.to_k.weight")), None
+        )
+        family = {768: "SD 1.x", 1024: "SD 2.x"}.get(cross or 0, "UNet")
+        return (
+            f"{family} UNet: in {_dim(comp, 'conv_in.weight', 1)} ch, blocks "
+            f"{'/'.join(str(c) for c in chans)}, cross-attention {cross}"
+        )
+    if n == "transformer":
+        double = _count(comp, r"transformer_blocks\.(\d+)\.")
+        single = _count(comp, r"single_transformer_blocks\.(\d+)\.")
+        hidden = _dim(comp, "x_embedder.weight", 0)
+        dev = any(k.startswith("time_text_embed.guidance_embedder") for k in comp.tensors)
+        kind = "FLUX.1-dev-like (guidance embed)" if dev else "FLUX.1-schnell-like (no guidance embed)"
+        return f"{kind}: {double} double + {single} single blocks, width {hidden}"
+    if n == "vae":
+        latent = _dim(comp, "decoder.conv_in.weight", 1)
+        return f"AutoencoderKL: {latent} latent channels"
+    if n == "text_encoder":
+        layers = _count(comp, r"text_model\.encoder\.layers\.(\d+)\.")
+        width = _dim(comp, "text_model.embeddings.token_embedding.weight", 1)
+        return f"CLIP text encoder: {layers} layers, width {width}"
+    if n == "text_encoder_2":
+        layers = _count(comp, r"encoder\.block\.(\d+)\.")
+        width = _dim(comp, "shared.weight", 1)
+        return f"T5 encoder: {layers} layers, width {width}"
+    return COMPONENT_CLASS.get(n, n)
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> str:
+    """Multi-line summary for ``streamexec plan --check``."""
+    layouts = sorted({c.layout for c in ckpt.components.values()})
+    lines = [
+        f"checkpoint: {ckpt.root}",
+        f"  kind: {ckpt.kind} ({', '.join(layouts)} layout), {len(ckpt.files)} file(s), "
+        f"{format_size(ckpt.nbytes)}",
+    ]
+    for comp in ckpt.components.values():
+        dtypes = ", ".join(
+            f"{d} {format_size(b)}" for d, b in sorted(comp.bytes_by_dtype().items())
+        )
+        lines.append(
+            f"  {comp.name:<15} {architecture(comp)}; {len(comp.tensors)} tensors, {dtypes}"
+        )
+    if ckpt.ignored:
+        lines.append(f"  ignored: {len(ckpt.ignored)} tensors not used for inference")
+    return "\n".join(lines)
