@@ -184,8 +184,13 @@ _VARIANT_RE = re.compile(r"^(?P<base>.+?)(?:\.(?P<variant>[A-Za-z0-9_]+))?\.safe
 _INDEX_RE = re.compile(r"^[^.]+(?:\.(\w+))?\.safetensors\.index(?:\.(\w+))?\.json$")
 
 
-def _weight_files(folder: Path, variant: str | None) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of one component folder, honouring sharding and variants."""
+def _weight_files(
+    folder: Path, variant: str | None, fallback: bool = False
+) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of one component folder, honouring sharding and variants.
+
+    With ``fallback`` (components of a pipeline), a component that lacks the requested variant
+    uses its default weights, as diffusers does."""
     indexes = sorted(folder.glob("*.safetensors.index.json")) + sorted(
         folder.glob("*.safetensors.index.*.json")
     )
@@ -195,6 +200,8 @@ def _weight_files(folder: Path, variant: str | None) -> tuple[list[Path], dict[s
         return (m.group(1) or m.group(2)) if m else None
 
     chosen = [p for p in indexes if variant_of(p.name) == variant]
+    if not chosen and fallback and variant is not None:
+        chosen = [p for p in indexes if variant_of(p.name) is None]
     if chosen:
         index = read_json(chosen[0])
         wm = index.get("weight_map")
@@ -220,6 +227,8 @@ def _weight_files(folder: Path, variant: str | None) -> tuple[list[Path], dict[s
         by_variant.setdefault(v, []).append(p)
     if variant in by_variant:
         return by_variant[variant], None
+    if fallback and None in by_variant:
+        return by_variant[None], None
     if variant is None and len(by_variant) == 1:
         return next(iter(by_variant.values())), None
     if by_variant:
@@ -233,13 +242,14 @@ def _weight_files(folder: Path, variant: str | None) -> tuple[list[Path], dict[s
 
 
 def _open_component_folder(
-    folder: Path, variant: str | None, files: dict[str, SafetensorsFile], name: str | None = None
+    folder: Path, variant: str | None, files: dict[str, SafetensorsFile], name: str | None = None,
+    fallback: bool = False,
 ) -> Component:
     config = read_json(folder / "config.json")
     cls = config.get("_class_name") or (config.get("architectures") or [None])[0]
     comp_name = name or CLASS_TO_COMPONENT.get(str(cls)) or folder.name
     tensors: dict[str, StoredTensor] = {}
-    paths, weight_map = _weight_files(folder, variant)
+    paths, weight_map = _weight_files(folder, variant, fallback)
     for p in paths:
         f = _open_file(p, files)
         for k, st in _stored(f).items():
@@ -268,7 +278,7 @@ def _open_pipeline(root: Path, variant: str | None) -> Checkpoint:
         folder = root / name
         if not folder.is_dir():
             raise CheckpointError(root, f"model_index.json lists {name!r} but the folder is missing")
-        comps[name] = _open_component_folder(folder, variant, files, name=name)
+        comps[name] = _open_component_folder(folder, variant, files, name=name, fallback=True)
     if not comps:
         raise CheckpointError(root, "model_index.json names no component with weights")
     return Checkpoint(root, "pipeline", files, comps, model_index=index)
