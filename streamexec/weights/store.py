@@ -113,11 +113,11 @@ class WeightStore:
 
     def get_f32(self, key: str) -> np.ndarray:
         """A decoded f32 copy — only for small tensors (biases, norm weights, embedding rows)."""
-        from ..kernels.decode import decode_to_f32
-
         t = self.get(key)
         if t.dtype == "F32":
             return np.array(t.array, dtype=np.float32)
+        from ..kernels.decode import decode_to_f32  # numba: only when something needs decoding
+
         return decode_to_f32(t.array, t.dtype)
 
     # -- paging ---------------------------------------------------------------------------
