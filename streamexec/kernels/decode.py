@@ -1,0 +1,239 @@
+"""Decode stored weight dtypes (F32/F16/BF16/F8_E4M3/F8_E5M2) to float32, bit-exactly.
+
+Weights arrive in their *storage* representation (see ``streamexec.weights.dtypes``): BF16 as
+``uint16`` bit patterns, FP8 as ``uint8`` bytes, F16 as ``numpy.float16``, F32 as ``float32``.
+These kernels turn them into f32 with integer bit manipulation only, so they need no F16C /
+AVX-512-BF16 / AVX instructions (LLVM still vectorises them with whatever the host has):
+
+* BF16: ``uint32(u16) << 16`` reinterpreted as f32 (a bf16 *is* the high half of an f32).
+* F16: IEEE binary16 -> binary32, exact for every pattern; subnormals are normalised through an
+  exact int -> float conversion; inf stays inf and NaN stays NaN (payload kept, quiet bit as
+  stored) — identical to ``numpy.astype(np.float32)`` for every non-NaN pattern.
+* F8_E4M3 (OCP "e4m3fn"): bias 7, no infinities, ``S.1111.111`` is NaN, subnormals
+  ``m * 2**-9``.  NaN decodes to the quiet NaN ``0x7fc00000`` with the stored sign.
+* F8_E5M2: exactly the top byte of an IEEE binary16, decoded as such (has inf and NaN).
+
+Every Numba kernel takes 1-D C-contiguous **read-only** inputs (the wrapper makes the view
+read-only, so mmapped and in-memory arrays share one compiled specialisation) and writes a 1-D
+C-contiguous ``uint32`` view of the f32 output.  Kernels are ``nogil`` so prefetch threads can
+decode while the main thread multiplies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = ["DECODE_TAGS", "decode_to_f32", "as_f32", "readonly_flat"]
+
+#: dtype tags ``decode_to_f32`` understands, with the storage numpy dtype each must arrive in.
+DECODE_TAGS: dict[str, np.dtype] = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+    "F8_E4M3": np.dtype(np.uint8),
+    "F8_E5M2": np.dtype(np.uint8),
+}
+
+# Below this many elements a single thread decodes (a parallel launch costs ~10 us).
+_PARALLEL_MIN = 1 << 16
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """Reinterpret a float32 as its uint32 bit pattern (no conversion)."""
+    if x != types.float32:
+        return None
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _f16_bits_to_f32_bits(h):
+    """IEEE half bit pattern (as uint32 in [0, 65535]) -> IEEE single bit pattern."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    m = h & np.uint32(0x3FF)
+    # normal: rebias exponent 15 -> 127 (add 112 << 23)
+    normal = ((h & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(112 << 23)
+    # inf / NaN: all-ones exponent, mantissa (payload) kept
+    special = np.uint32(0x7F800000) | (m << np.uint32(13))
+    # subnormal: value m * 2**-24; float32(m) is exact, then subtract 24 from its exponent
+    sub = _f32_bits(np.float32(m)) - np.uint32(24 << 23)
+    sub = sub if m != np.uint32(0) else np.uint32(0)
+    r = normal
+    r = special if e == np.uint32(0x1F) else r
+    r = sub if e == np.uint32(0) else r
+    return sign | r
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _e4m3_bits_to_f32_bits(b):
+    """OCP float8 e4m3fn byte (as uint32 in [0, 255]) -> IEEE single bit pattern."""
+    b = np.uint32(b)
+    sign = (b & np.uint32(0x80)) << np.uint32(24)
+    e = (b >> np.uint32(3)) & np.uint32(0xF)
+    m = b & np.uint32(0x7)
+    # normal: rebias 7 -> 127 (add 120), 3 mantissa bits go to the top of the 23-bit field
+    normal = ((e + np.uint32(120)) << np.uint32(23)) | (m << np.uint32(20))
+    # subnormal: m * 2**-9 ; float32(m) exact, subtract 9 from the exponent
+    sub = _f32_bits(np.float32(m)) - np.uint32(9 << 23)
+    sub = sub if m != np.uint32(0) else np.uint32(0)
+    r = normal
+    r = sub if e == np.uint32(0) else r
+    r = np.uint32(0x7FC00000) if (b & np.uint32(0x7F)) == np.uint32(0x7F) else r
+    return sign | r
+
+
+# --- serial kernels (small arrays, panels decoded inside other parallel work) -------------------
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _bf16_serial(src, dst):
+    for i in range(src.size):
+        dst[i] = np.uint32(src[i]) << np.uint32(16)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _f16_serial(src, dst):
+    for i in range(src.size):
+        dst[i] = _f16_bits_to_f32_bits(src[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _e4m3_serial(src, dst):
+    for i in range(src.size):
+        dst[i] = _e4m3_bits_to_f32_bits(src[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _e5m2_serial(src, dst):
+    for i in range(src.size):
+        dst[i] = _f16_bits_to_f32_bits(np.uint32(src[i]) << np.uint32(8))
+
+
+# --- parallel kernels: prange splits the range into one contiguous chunk per thread ------------------
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def _bf16_parallel(src, dst):
+    for i in prange(src.size):
+        dst[i] = np.uint32(src[i]) << np.uint32(16)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def _f16_parallel(src, dst):
+    for i in prange(src.size):
+        dst[i] = _f16_bits_to_f32_bits(src[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def _e4m3_parallel(src, dst):
+    for i in prange(src.size):
+        dst[i] = _e4m3_bits_to_f32_bits(src[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def _e5m2_parallel(src, dst):
+    for i in prange(src.size):
+        dst[i] = _f16_bits_to_f32_bits(np.uint32(src[i]) << np.uint32(8))
+
+
+_KERNELS = {
+    "BF16": (_bf16_serial, _bf16_parallel),
+    "F16": (_f16_serial, _f16_parallel),
+    "F8_E4M3": (_e4m3_serial, _e4m3_parallel),
+    "F8_E5M2": (_e5m2_serial, _e5m2_parallel),
+}
+
+
+def readonly_flat(a: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
+    """1-D read-only view of a C-contiguous array (optionally reinterpreted as ``dtype``).
+
+    Numba compiles a separate specialisation for writable and read-only arrays; handing every
+    kernel read-only views keeps it to one (mmapped weights are read-only anyway).
+    """
+    if not a.flags.c_contiguous:
+        raise ValueError("expected a C-contiguous array (a view of a stored tensor)")
+    v = a.reshape(-1)
+    if dtype is not None:
+        v = v.view(dtype)
+    if v.flags.writeable:
+        v = v.view()
+        v.flags.writeable = False
+    return v
+
+
+def decode_to_f32(
+    raw: np.ndarray, dtype: str, out: np.ndarray | None = None, *, parallel: bool | None = None
+) -> np.ndarray:
+    """Decode ``raw`` (a C-contiguous array in the storage dtype of tag ``dtype``) to float32.
+
+    Args:
+        raw: the stored tensor, any shape, C-contiguous (e.g. an mmapped view); never modified.
+        dtype: one of ``DECODE_TAGS`` ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2").
+        out: optional C-contiguous float32 destination with ``raw.size`` elements (any shape);
+            when omitted a new array of ``raw.shape`` is returned.
+        parallel: force the multi-threaded (True) or single-threaded (False) kernel; by default
+            arrays of at least 65536 elements decode on all Numba threads.
+
+    Returns:
+        ``out`` (or the new array), bit-exact decode of every element. For "F32" the data is
+        copied into ``out`` when given, otherwise ``raw`` itself is returned (no copy).
+    """
+    want = DECODE_TAGS.get(dtype)
+    if want is None:
+        raise ValueError(f"cannot decode dtype {dtype!r}; known: {sorted(DECODE_TAGS)}")
+    if raw.dtype.itemsize != want.itemsize or raw.dtype.kind not in ("f", "u", "i"):
+        raise TypeError(f"{dtype} must arrive stored as {want}, got {raw.dtype}")
+    if out is not None:
+        if out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be a writable C-contiguous float32 array")
+        if out.size != raw.size:
+            raise ValueError(f"out has {out.size} elements, raw has {raw.size}")
+    if dtype == "F32":
+        if out is None:
+            return raw if raw.dtype == np.float32 else raw.view(np.float32)
+        np.copyto(out.reshape(-1), raw.reshape(-1).view(np.float32))
+        return out
+    if out is None:
+        out = np.empty(raw.shape, dtype=np.float32)
+    if raw.size == 0:
+        return out
+    src_dt = np.uint16 if want.itemsize == 2 else np.uint8
+    src = readonly_flat(raw, src_dt)
+    dst = out.reshape(-1).view(np.uint32)
+    serial, par = _KERNELS[dtype]
+    if parallel is None:
+        parallel = raw.size >= _PARALLEL_MIN
+    (par if parallel else serial)(src, dst)
+    return out
+
+
+def as_f32(raw: np.ndarray | None, dtype: str | None) -> np.ndarray | None:
+    """Small vectors (biases, norm weights): a C-contiguous float32 array, or None for None.
+
+    F32 inputs that are already C-contiguous are returned as-is (no copy, possibly read-only);
+    everything else is decoded into a fresh array.
+    """
+    if raw is None:
+        return None
+    if dtype is None:
+        dtype = "F32" if raw.dtype == np.float32 else _guess_tag(raw.dtype)
+    if dtype == "F32":
+        a = raw.view(np.float32) if raw.dtype != np.float32 else raw
+        return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    return decode_to_f32(np.ascontiguousarray(raw), dtype)
+
+
+def _guess_tag(dt: np.dtype) -> str:
+    if dt == np.float16:
+        return "F16"
+    raise TypeError(f"cannot infer the stored dtype tag of a {dt} array; pass dtype explicitly")

@@ -1,0 +1,66 @@
+"""CLIPTextModel (transformers semantics) as an op graph: causal self-attention, quick_gelu MLP,
+final layer norm, pooled output at the EOS token."""
+
+from __future__ import annotations
+
+from ..errors import CheckpointError
+from .graph import Graph, GraphBuilder, WeightInfo
+
+DEFAULTS = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "num_attention_heads": 12, "eos_token_id": 2}
+_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def build_clip_text(config: dict, weight_info: WeightInfo, *, batch: int, seq_len: int = 77,
+                    where: str = "text_encoder") -> Graph:
+    """Graph for ``CLIPTextModel.forward(input_ids)`` → (last_hidden_state, pooler_output).
+
+    Input ``input_ids`` [B, N] (int64); outputs ``last_hidden_state`` [B, N, D] and
+    ``pooler_output`` [B, D]. Layer count and width come from the weights; heads, activation and
+    eps from the config (CLIP-L defaults when a single file carries no config).
+    """
+    cfg = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    act = _ACTS.get(cfg["hidden_act"])
+    if act is None:
+        raise CheckpointError(where, f"hidden_act {cfg['hidden_act']!r} is not supported")
+    g = GraphBuilder("CLIPTextModel", cfg, weight_info, where)
+    vocab, width = g.wshape("text_model.embeddings.token_embedding.weight")
+    max_pos = g.wshape("text_model.embeddings.position_embedding.weight")[0]
+    if seq_len > max_pos:
+        raise CheckpointError(where, f"sequence length {seq_len} exceeds the model's {max_pos} positions")
+    layers = 0
+    while g.has(f"text_model.encoder.layers.{layers}.self_attn.q_proj.weight"):
+        layers += 1
+    if layers == 0:
+        raise CheckpointError(where, "missing tensor 'text_model.encoder.layers.0.self_attn.q_proj.weight'")
+    heads = int(cfg["num_attention_heads"])
+    eps = float(cfg["layer_norm_eps"])
+    if width % heads:
+        raise CheckpointError(where, f"width {width} is not divisible by {heads} heads")
+    scale = (width // heads) ** -0.5
+
+    ids = g.input("input_ids", (batch, seq_len), dtype="i64")
+    with g.unit("text_model.embeddings"):
+        h = g.op("embedding", [ids], (batch, seq_len, width), name="text_model.embeddings.token_embedding",
+                 weights={"weight": "text_model.embeddings.token_embedding.weight"}, attrs={"vocab": vocab})
+        h = g.op("add_position", [h], (batch, seq_len, width), name="text_model.embeddings.position_embedding",
+                 weights={"weight": g.expect("text_model.embeddings.position_embedding.weight", (max_pos, width))})
+    for i in range(layers):
+        p = f"text_model.encoder.layers.{i}"
+        with g.unit(f"{p}.self_attn"):
+            n = g.layer_norm(h, f"{p}.layer_norm1", eps)
+            q = g.linear(n, f"{p}.self_attn.q_proj")
+            k = g.linear(n, f"{p}.self_attn.k_proj")
+            v = g.linear(n, f"{p}.self_attn.v_proj")
+            a = g.op("attention", [q, k, v], g.shape(q), name=f"{p}.self_attn",
+                     attrs={"heads": heads, "scale": scale, "causal": True})
+            h = g.linear(a, f"{p}.self_attn.out_proj", residual=h)
+        with g.unit(f"{p}.mlp"):
+            n = g.layer_norm(h, f"{p}.layer_norm2", eps)
+            n = g.linear(n, f"{p}.mlp.fc1", activation=act)
+            h = g.linear(n, f"{p}.mlp.fc2", residual=h)
+    with g.unit("text_model.final_layer_norm"):
+        h = g.layer_norm(h, "text_model.final_layer_norm", eps)
+        pooled = g.op("pool_eos", [h, ids], (batch, width), name="text_model.pooler",
+                      attrs={"eos_token_id": int(cfg["eos_token_id"])})
+    g.output(h, pooled)
+    return g.graph

@@ -1,0 +1,198 @@
+"""How each op kind of the graph is computed with the kernels. The executor calls ``OPS[kind]``;
+this is the only place that knows both the op vocabulary (models/graph.py) and the kernel API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kernels import activations as act
+from ..kernels.attention import attention
+from ..kernels.conv import conv2d
+from ..kernels.decode import decode_to_f32
+from ..kernels.embeddings import timestep_embedding
+from ..kernels.linear import geglu, linear
+from ..kernels.norms import group_norm, layer_norm, rms_norm
+from ..models.graph import Op
+from ..weights.store import WeightStore
+
+
+@dataclass
+class OpContext:
+    """What an op implementation may use: the weights and the op's schedule parameters."""
+
+    store: WeightStore
+    params: dict
+
+    def weight(self, op: Op, role: str):
+        key = op.weights.get(role)
+        return None if key is None else self.store.get(key)
+
+    def vector(self, op: Op, role: str) -> np.ndarray | None:
+        key = op.weights.get(role)
+        return None if key is None else self.store.get_f32(key)
+
+
+OpFn = Callable[[OpContext, Op, list[np.ndarray], tuple[int, ...]], np.ndarray]
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+def op_linear(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    x = _rows(args[0])
+    w = ctx.weight(op, "weight")
+    b = ctx.weight(op, "bias")
+    residual = _rows(args[1]) if len(args) > 1 else None
+    row_chunk = ctx.params.get("row_chunk")
+    if op.attrs.get("gate") == "geglu":  # the 2I-wide projection exists one row chunk at a time
+        return geglu(x, w.array, w.dtype, None if b is None else b.array, None if b is None else b.dtype,
+                     row_chunk=row_chunk, panel_rows=ctx.params.get("panel_rows")).reshape(shape)
+    y = linear(
+        x, w.array, w.dtype, None if b is None else b.array, None if b is None else b.dtype,
+        row_chunk=row_chunk, panel_rows=ctx.params.get("panel_rows"),
+        residual=residual, activation=op.attrs.get("activation"),
+    )
+    return y.reshape(shape)
+
+
+def op_conv2d(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    w = ctx.weight(op, "weight")
+    b = ctx.weight(op, "bias")
+    y = conv2d(
+        np.ascontiguousarray(args[0]), w.array, w.dtype, None if b is None else b.array, None if b is None else b.dtype,
+        stride=op.attrs.get("stride", 1), pad=tuple(op.attrs["pad"]), upsample=op.attrs.get("upsample", False),
+        band_rows=ctx.params.get("band_rows"), panel_rows=ctx.params.get("panel_rows"),
+    )
+    if len(args) > 1:
+        act.add_(y, np.ascontiguousarray(args[1]))
+    return y
+
+
+def op_group_norm(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return group_norm(
+        np.ascontiguousarray(args[0]), op.attrs["groups"], ctx.vector(op, "weight"), ctx.vector(op, "bias"),
+        op.attrs["eps"], silu=op.attrs.get("silu", False),
+    )
+
+
+def op_layer_norm(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    x = np.ascontiguousarray(args[0])
+    gamma, beta = ctx.vector(op, "weight"), ctx.vector(op, "bias")
+    if not op.attrs.get("modulated"):
+        return layer_norm(x.reshape(-1, x.shape[-1]), gamma, beta, op.attrs["eps"]).reshape(shape)
+    # AdaLN: shift/scale [B, D] apply to the tokens of their batch item
+    shift, scale = (np.ascontiguousarray(a) for a in args[1:3])
+    return layer_norm(x.reshape(-1, x.shape[-1]), gamma, beta, op.attrs["eps"], shift=shift,
+                      scale=scale).reshape(shape)
+
+
+def op_rms_norm(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return rms_norm(np.ascontiguousarray(args[0]), ctx.vector(op, "weight"), op.attrs["eps"])
+
+
+def op_attention(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    q, k, v = (np.ascontiguousarray(a) for a in args[:3])
+    heads = op.attrs["heads"]
+    b, nq, width = q.shape
+    nk = k.shape[1]
+    d = width // heads
+    out = np.empty(shape, np.float32)
+    rel_bias = args[3] if op.attrs.get("rel_bias") else None
+    for i in range(b):
+        attention(
+            q[i].reshape(nq, heads, d), k[i].reshape(nk, heads, d), v[i].reshape(nk, heads, d), op.attrs["scale"],
+            causal=op.attrs.get("causal", False), rel_bias=rel_bias,
+            q_tile=ctx.params.get("q_tile"), k_tile=ctx.params.get("k_tile"),
+            out=out[i].reshape(nq, heads, d),
+        )
+    return out
+
+
+_BROADCAST = {None: lambda b: b, "nchw": lambda b: b[:, :, None, None], "tokens": lambda b: b[:, None, :]}
+
+
+def op_add(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    a, b = args
+    return np.add(a, _BROADCAST[op.attrs.get("broadcast")](b), dtype=np.float32)
+
+
+def op_unary(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return act.apply_activation(np.ascontiguousarray(args[0]), op.attrs["fn"])
+
+
+def op_concat(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(args, axis=op.attrs["axis"])
+
+
+def op_to_tokens(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    x = args[0]
+    b, c = x.shape[:2]
+    return np.ascontiguousarray(x.reshape(b, c, -1).transpose(0, 2, 1))
+
+
+def op_to_image(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    x = args[0]
+    return np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(shape)
+
+
+def op_timestep_embedding(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    a = op.attrs
+    return timestep_embedding(
+        np.asarray(args[0], np.float32).reshape(-1), a["dim"], flip_sin_to_cos=a["flip_sin_to_cos"],
+        downscale_freq_shift=a["shift"], scale=a.get("scale", 1.0),
+    ).astype(np.float32, copy=False)
+
+
+def op_embedding(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    w = ctx.weight(op, "weight")
+    ids = np.asarray(args[0]).astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
+        raise ValueError(f"{op.name}: token id out of range 0..{w.shape[0] - 1}")
+    rows = np.ascontiguousarray(w.array[ids.reshape(-1)])  # only the rows used are read
+    return decode_to_f32(rows, w.dtype).reshape(shape).astype(np.float32, copy=False)
+
+
+def op_add_position(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    w = ctx.weight(op, "weight")
+    n = shape[1]
+    pos = decode_to_f32(np.ascontiguousarray(w.array[:n]), w.dtype)
+    return np.add(args[0], pos[None], dtype=np.float32)
+
+
+def op_pool_eos(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    h, ids = args
+    ids = np.asarray(ids)
+    eos = op.attrs["eos_token_id"]
+    if eos == 2:  # transformers' legacy rule: the EOS token has the highest id
+        idx = ids.astype(np.int32).argmax(axis=-1)
+    else:
+        idx = (ids == eos).astype(np.int32).argmax(axis=-1)
+    return np.ascontiguousarray(h[np.arange(h.shape[0]), idx])
+
+
+def op_scale(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return np.multiply(args[0], np.float32(op.attrs["factor"]), dtype=np.float32)
+
+
+OPS: dict[str, OpFn] = {
+    "linear": op_linear,
+    "conv2d": op_conv2d,
+    "group_norm": op_group_norm,
+    "layer_norm": op_layer_norm,
+    "rms_norm": op_rms_norm,
+    "attention": op_attention,
+    "add": op_add,
+    "unary": op_unary,
+    "concat": op_concat,
+    "to_tokens": op_to_tokens,
+    "to_image": op_to_image,
+    "timestep_embedding": op_timestep_embedding,
+    "embedding": op_embedding,
+    "add_position": op_add_position,
+    "pool_eos": op_pool_eos,
+    "scale": op_scale,
+}

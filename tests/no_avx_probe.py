@@ -1,0 +1,92 @@
+"""Run a fixed set of kernels on seeded inputs and save the results (``python no_avx_probe.py OUT.npz``).
+
+tests/test_no_avx.py runs this once in-process and once in a subprocess compiled for a generic
+x86-64 CPU (SSE2 only) with OpenBLAS forced to its Nehalem kernels, compares the numbers, and
+scans the machine code Numba generated in the subprocess for AVX (VEX/EVEX) instructions.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import numpy as np
+
+
+def compute() -> dict[str, np.ndarray]:
+    from streamexec.kernels import activations as act
+    from streamexec.kernels.attention import attention
+    from streamexec.kernels.conv import conv2d
+    from streamexec.kernels.decode import decode_to_f32
+    from streamexec.kernels.embeddings import timestep_embedding
+    from streamexec.kernels.linear import linear
+    from streamexec.kernels.norms import group_norm, layer_norm, rms_norm
+
+    rng = np.random.default_rng(0)
+    out: dict[str, np.ndarray] = {}
+    bf16 = rng.integers(0, 65535, 4099, dtype=np.uint16)
+    out["decode_bf16"] = decode_to_f32(bf16, "BF16")
+    out["decode_f16"] = decode_to_f32(rng.standard_normal(4099).astype(np.float16), "F16")
+    fp8 = np.arange(256, dtype=np.uint8)
+    out["decode_e4m3"] = decode_to_f32(fp8, "F8_E4M3")
+    out["decode_e5m2"] = decode_to_f32(fp8, "F8_E5M2")
+    x = rng.standard_normal((37, 70)).astype(np.float32)
+    w = (rng.standard_normal((45, 70)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    b = rng.standard_normal(45).astype(np.float32)
+    out["linear_bf16"] = linear(x, w, "BF16", b, "F32", activation="gelu")
+    q = rng.standard_normal((33, 3, 16)).astype(np.float32)
+    k = rng.standard_normal((29, 3, 16)).astype(np.float32)
+    v = rng.standard_normal((29, 3, 16)).astype(np.float32)
+    out["attention"] = attention(q, k, v, 0.25, q_tile=8, k_tile=7)
+    out["attention_causal"] = attention(q, q, q, 0.25, causal=True, q_tile=8, k_tile=7)
+    img = rng.standard_normal((1, 8, 11, 9)).astype(np.float32)
+    cw = rng.standard_normal((6, 8, 3, 3)).astype(np.float16)
+    out["conv3x3_f16"] = conv2d(img, cw, "F16", stride=1, pad=(1, 1, 1, 1), band_rows=4)
+    out["conv_up"] = conv2d(img, cw, "F16", upsample=True, pad=(1, 1, 1, 1), band_rows=5)
+    gamma = rng.standard_normal(8).astype(np.float32)
+    out["group_norm_silu"] = group_norm(img, 4, gamma, gamma, 1e-6, silu=True)
+    out["layer_norm"] = layer_norm(x, None, None, 1e-6)
+    out["rms_norm"] = rms_norm(x, np.ones(70, np.float32), 1e-6)
+    out["silu"] = act.silu(x)
+    out["gelu_tanh"] = act.gelu_tanh(x)
+    out["quick_gelu"] = act.quick_gelu(x)
+    out["softmax"] = act.softmax(x)
+    out["timestep"] = np.asarray(timestep_embedding(np.array([1.0, 500.0], np.float32), 32, flip_sin_to_cos=True,
+                                                    downscale_freq_shift=0), np.float32)
+    return out
+
+
+_AVX_MNEMONIC = re.compile(r"^\s+(v[a-z0-9]+)\s", re.MULTILINE)
+
+
+def avx_instructions() -> dict[str, list[str]]:
+    """Per compiled Numba function of streamexec.kernels: AVX (VEX/EVEX, 'v'-prefixed) mnemonics
+    or ymm/zmm registers found in its machine code."""
+    import importlib
+    import pkgutil
+
+    from numba.core.registry import CPUDispatcher
+
+    import streamexec.kernels as kpkg
+
+    found: dict[str, list[str]] = {}
+    for m in pkgutil.iter_modules(kpkg.__path__):
+        mod = importlib.import_module(f"streamexec.kernels.{m.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, CPUDispatcher):
+                for sig, asm in obj.inspect_asm().items():
+                    bad = sorted(set(_AVX_MNEMONIC.findall(asm)))
+                    if "%ymm" in asm or "%zmm" in asm:
+                        bad.append("ymm/zmm registers")
+                    if bad:
+                        found[f"{m.name}.{name}{sig}"] = bad[:8]
+    return found
+
+
+if __name__ == "__main__":
+    np.savez(sys.argv[1], **compute())
+    if "--scan" in sys.argv[2:]:
+        bad = avx_instructions()
+        for k, v in bad.items():
+            print(f"AVX in {k}: {v}")
+        print(f"scanned: {len(bad)} functions with AVX")
