@@ -23,8 +23,11 @@ thread pool with Numba's OpenMP pool inside every block costs 3-30x (both pools 
 same two cores), while independent workers need no barrier per block at all and keep running
 when another process steals a core. OpenBLAS' thread count is process-global in the pthreads
 build numpy ships (``openblas_set_num_threads_local`` changes it for every thread), so
-:func:`blas_single_threaded` sets it to 1 for the duration of the call and restores it; if the
-BLAS library offers no such control the kernels run in the calling thread with BLAS' own threads.
+:func:`blas_single_threaded` sets it to 1 for the duration of the call and restores it, and parks
+OpenBLAS' pool meanwhile (its idle threads otherwise spin ~0.1 s after every multi-threaded sgemm
+and took a core from the workers: conv ran at 0.45-0.67 of its speed right after a 2-thread sgemm).
+If the BLAS library offers no such control the kernels run in the calling thread with BLAS' own
+threads. Calls below ``PARALLEL_MIN_FLOPS`` also run in the calling thread (hand-off costs more).
 The helpers here (:func:`blas_single_threaded`, :func:`parallel_items`, :func:`kernel_workers`)
 are shared with ``conv.py``.
 """
@@ -60,14 +63,37 @@ _FM = {"reassoc", "contract", "nsz", "arcp", "nnan"}
 #: Score block budget (elements) for the default tiles: 512 K f32 = 2 MB per worker.
 _SCORE_BLOCK_ELEMS = 512 * 1024
 
+#: Below this many flops a call runs in the calling thread: handing items to workers and
+#: parking/re-creating BLAS' pool costs ~0.1-0.4 ms (CLIP's 77-token attention: 0.36 ms in
+#: one thread, 0.76 ms on two workers).
+PARALLEL_MIN_FLOPS = 3e7
+
 
 # ============================================================================================
 # threading helpers (shared with conv.py)
 # ============================================================================================
 
 
-def _find_blas_thread_control() -> tuple[Callable[[int], None], Callable[[], int]] | None:
-    """(set_num_threads, get_num_threads) of the OpenBLAS numpy uses, or None if not found."""
+class _BlasControl:
+    """ctypes handles on the OpenBLAS numpy uses: thread count get/set, pool shutdown."""
+
+    def __init__(self, lib: ctypes.CDLL, set_name: str, get_name: str) -> None:
+        self.set_threads = getattr(lib, set_name)
+        self.set_threads.argtypes = [ctypes.c_int]
+        self.set_threads.restype = None
+        self.get_threads = getattr(lib, get_name)
+        self.get_threads.argtypes = []
+        self.get_threads.restype = ctypes.c_int
+        # pthreads builds: stops the pool's threads; the next multi-threaded call (or
+        # set_num_threads > 1) re-creates them (the same lazy re-init OpenBLAS uses after fork)
+        self.shutdown = getattr(lib, "blas_thread_shutdown_", None)
+        if self.shutdown is not None:
+            self.shutdown.argtypes = []
+            self.shutdown.restype = ctypes.c_int
+
+
+def _find_blas_thread_control() -> _BlasControl | None:
+    """Control of the OpenBLAS numpy uses, or None if numpy's BLAS is something else."""
     paths: list[str] = []
     try:
         with open("/proc/self/maps") as fh:
@@ -79,9 +105,7 @@ def _find_blas_thread_control() -> tuple[Callable[[int], None], Callable[[], int
         pass
     libdir = os.path.dirname(np.__file__) + ".libs"
     if os.path.isdir(libdir):
-        paths += [
-            os.path.join(libdir, f) for f in sorted(os.listdir(libdir)) if "openblas" in f.lower()
-        ]
+        paths += [os.path.join(libdir, f) for f in sorted(os.listdir(libdir)) if "openblas" in f.lower()]
     for path in paths:
         try:
             lib = ctypes.CDLL(path)
@@ -93,24 +117,24 @@ def _find_blas_thread_control() -> tuple[Callable[[int], None], Callable[[], int
             ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
             ("openblas_set_num_threads", "openblas_get_num_threads"),
         ):
-            setter = getattr(lib, set_name, None)
-            getter = getattr(lib, get_name, None)
-            if setter is not None and getter is not None:
-                setter.argtypes = [ctypes.c_int]
-                setter.restype = None
-                getter.argtypes = []
-                getter.restype = ctypes.c_int
-                return setter, getter
+            if hasattr(lib, set_name) and hasattr(lib, get_name):
+                return _BlasControl(lib, set_name, get_name)
     return None
 
 
-_BLAS_CTL: tuple[Callable[[int], None], Callable[[], int]] | None | bool = False
+_BLAS_CTL: _BlasControl | None | bool = False
 _BLAS_LOCK = threading.Lock()
 _BLAS_DEPTH = 0
 _BLAS_SAVED = 1
 
+#: Stop OpenBLAS' pool threads while our workers run. After a multi-threaded sgemm, OpenBLAS'
+#: idle threads spin for 2**28 cycles (~0.1 s; OPENBLAS_THREAD_TIMEOUT, read once at load)
+#: before sleeping; measured: a conv right after a 2-thread sgemm ran at 0.45-0.67 of its
+#: speed. Shutting the pool down costs ~50 us per call, the pool is re-created on exit.
+PARK_BLAS_POOL = True
 
-def _blas_ctl() -> tuple[Callable[[int], None], Callable[[], int]] | None:
+
+def _blas_ctl() -> _BlasControl | None:
     global _BLAS_CTL
     if _BLAS_CTL is False:
         _BLAS_CTL = _find_blas_thread_control()
@@ -123,18 +147,20 @@ def blas_single_threaded() -> Iterator[bool]:
 
     Yields True if BLAS threading is under control (then it is safe to call sgemm from several
     worker threads at once), False otherwise. Process-global: a BLAS call made by some other
-    thread meanwhile also runs on one thread.
+    thread meanwhile also runs on one thread, and none may be running multi-threaded when the
+    block is entered (the pool is shut down, see ``PARK_BLAS_POOL``).
     """
     global _BLAS_DEPTH, _BLAS_SAVED
     ctl = _blas_ctl()
     if ctl is None:
         yield False
         return
-    setter, getter = ctl
     with _BLAS_LOCK:
         if _BLAS_DEPTH == 0:
-            _BLAS_SAVED = max(1, int(getter()))
-            setter(1)
+            _BLAS_SAVED = max(1, int(ctl.get_threads()))
+            ctl.set_threads(1)
+            if PARK_BLAS_POOL and _BLAS_SAVED > 1 and ctl.shutdown is not None:
+                ctl.shutdown()
         _BLAS_DEPTH += 1
     try:
         yield True
@@ -142,7 +168,7 @@ def blas_single_threaded() -> Iterator[bool]:
         with _BLAS_LOCK:
             _BLAS_DEPTH -= 1
             if _BLAS_DEPTH == 0:
-                setter(_BLAS_SAVED)
+                ctl.set_threads(_BLAS_SAVED)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -197,20 +223,27 @@ def parallel_items(
     nxt = [0]
     failed: list[BaseException] = []
 
+    def take() -> int:
+        with lock:
+            it = nxt[0]
+            if it >= n_items or failed:
+                return -1
+            nxt[0] = it + 1
+            return it
+
     def loop(w: int) -> None:
+        it = take()
+        if it < 0:  # a late worker: nothing left, allocate no scratch
+            return
         st = make_state(w)
-        while True:
-            with lock:
-                it = nxt[0]
-                if it >= n_items or failed:
-                    return
-                nxt[0] = it + 1
+        while it >= 0:
             try:
                 work(st, it)
             except BaseException as e:  # stop the others, re-raise in the caller
                 with lock:
                     failed.append(e)
                 raise
+            it = take()
 
     futs = [_pool(n_workers - 1).submit(loop, w) for w in range(1, n_workers)]
     try:
@@ -290,7 +323,9 @@ def _softmax_block(S, ti, tj, scale, m, l, alpha, i0, j0, causal, bias, boff):
     Without a causal mask rows are processed over ``tj`` rounded up to 16 columns (S's row
     stride is padded for that), the pad columns set to -inf first: the loops then have no
     scalar remainder, which for 77 text tokens cost more than the vector body. The pad columns
-    are outside the ``[:ti, :tj]`` view BLAS reads and writes.
+    are outside the ``[:ti, :tj]`` view BLAS reads and writes. The bias is indexed with an
+    unsigned offset (j - i + boff >= 0): Numba's wraparound check on a signed index would
+    keep the loop scalar (measured 10x slower).
     """
     has_bias = bias.shape[0] > 0
     neg_inf = np.float32(-np.inf)
@@ -305,11 +340,11 @@ def _softmax_block(S, ti, tj, scale, m, l, alpha, i0, j0, causal, bias, boff):
         nv = tjp
         if causal:
             nv = min(tj, max(0, i - j0 + 1))
-        off = j0 - i + boff
+        off = np.uint64(j0 - i + boff) if has_bias else np.uint64(0)
         mx = neg_inf
         if has_bias:
             for c in range(nv):
-                mx = _fmax(mx, S[r, c] * scale + bias[off + c])
+                mx = _fmax(mx, S[r, c] * scale + bias[off + np.uint64(c)])
         else:
             for c in range(nv):
                 mx = _fmax(mx, S[r, c] * scale)
@@ -322,25 +357,18 @@ def _softmax_block(S, ti, tj, scale, m, l, alpha, i0, j0, causal, bias, boff):
             continue
         a = _expf(mo - mn)
         tot = zero
-        if causal:  # columns nv..tj are masked: select 0 (tjp == tj here)
-            for c in range(tj):
-                s = S[r, c] * scale
-                if has_bias:
-                    s += bias[off + c]
-                p = _expf(s - mn)
-                p = p if c < nv else zero
-                S[r, c] = p
-                tot += p
-        elif has_bias:
-            for c in range(tjp):
-                p = _expf(S[r, c] * scale + bias[off + c] - mn)
+        if has_bias:
+            for c in range(nv):
+                p = _expf(S[r, c] * scale + bias[off + np.uint64(c)] - mn)
                 S[r, c] = p
                 tot += p
         else:
-            for c in range(tjp):
+            for c in range(nv):
                 p = _expf(S[r, c] * scale - mn)
                 S[r, c] = p
                 tot += p
+        for c in range(nv, tjp):  # causal: masked keys (BLAS reads these as P = 0)
+            S[r, c] = zero
         l[r] = l[r] * a + tot
         m[r] = mn
         alpha[r] = a
@@ -381,16 +409,17 @@ def _finish(acc, ti, out, i0, h, l):
 
 
 def default_tiles(nq: int, nk: int, d: int, h: int = 1, workers: int = 1) -> tuple[int, int]:
-    """Default (q_tile, k_tile): a ~2 MB score block per worker.
+    """Default (q_tile, k_tile): a ~2 MB score block per worker, 512 keys x 1024 queries.
 
-    Measured on a 2-core EPYC (single-threaded sgemm per worker): blocks of 256-1024 queries x
-    512-1024 keys keep sgemm at 85-100 GFLOP/s per core and the score block in L2. A key tile
-    that covers a short key sequence entirely (cross-attention, 77 text tokens) skips the online
-    rescale, and the query tile then grows to amortise per-block overhead — but not so far that
-    there are fewer than ~4 (head, query-tile) items per worker to balance.
+    Measured on a 2-core EPYC (single-threaded sgemm per worker, D = 40..128): query tiles of
+    1024-2048 with key tiles of 256-512 ran at 140-178 GFLOP/s for SD 1.5 (4096 tokens, D=40),
+    FLUX (1536 tokens, D=128) and T5 (512 tokens, 64 heads); 64-128 query rows lose 10-40 %.
+    A key tile covering a short key sequence (cross-attention, 77 text tokens) skips the
+    online rescale, and the query tile then grows to amortise per-block overhead — but not so
+    far that there are fewer than ~4 (head, query-tile) items per worker to balance.
     """
     del d
-    k_tile = max(1, min(nk, 1024))
+    k_tile = max(1, min(nk, 512))
     q_tile = max(1, min(nq, _SCORE_BLOCK_ELEMS // k_tile, 4096))
     want_items = 4 * max(1, workers)
     per_head = -(-want_items // max(1, h))
@@ -517,7 +546,7 @@ def attention(
                 np.matmul(sv, vh[j0:j1], out=tmp[:ti])
                 _combine(acc, tmp, alpha, ti, out, i0, h, l, j0 == last_j0)
 
-    if workers > 1 and n_items > 1:
+    if workers > 1 and n_items > 1 and 4.0 * nq * nk * d * nh >= PARALLEL_MIN_FLOPS:
         with blas_single_threaded():
             parallel_items(n_items, workers, make_state, work)
     else:

@@ -14,8 +14,9 @@ How, and why this way:
   band by band. A 1x1 stride-1 unpadded convolution needs no im2col at all: its ``col`` is a
   strided view of ``x``.
 * **Weight panels.** ``w`` stays in its stored dtype ("F32", "F16", "BF16", "F8_E4M3",
-  "F8_E5M2"); ``panel_rows`` output channels at a time are decoded into a small reused f32
-  scratch (never a full f32 copy: 1280x1280x3x3 is 59 MB in f32). F32 weights are used in place.
+  "F8_E5M2"); ``panel_rows`` output channels at a time are decoded (``kernels.decode``, serial
+  kernel) into a small reused f32 scratch (never a full f32 copy: 1280x1280x3x3 is 59 MB in
+  f32). F32 weights are used in place.
 * **GEMM.** ``out[n, co0:co1, band] = panel @ col_n`` is one sgemm straight into the output
   (the band of one channel is contiguous, channels are a fixed stride apart — a BLAS-able 2-D
   view, no copy-out). Bias is added to that block while it is still in cache.
@@ -37,7 +38,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from streamexec.kernels.attention import blas_single_threaded, kernel_workers, parallel_items
+from streamexec.kernels.attention import (
+    PARALLEL_MIN_FLOPS,
+    blas_single_threaded,
+    kernel_workers,
+    parallel_items,
+)
+from streamexec.kernels.decode import DECODE_TAGS, decode_to_f32
 
 __all__ = [
     "conv2d",
@@ -54,61 +61,8 @@ _COL_TARGET_COLS = 512
 _PANEL_BUDGET = 3 << 20
 _MIN_PANEL = 64
 
-_WEIGHT_TAGS = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-
-
-# ============================================================================================
-# weight decode (private minimal version; see _decode_rows)
-# ============================================================================================
-
-
-def _fp8_e4m3fn_table() -> np.ndarray:
-    """float8 e4m3fn -> f32 for all 256 codes: bias 7, no infinities, S.1111.111 is NaN."""
-    b = np.arange(256, dtype=np.int64)
-    sign = np.where(b & 0x80, -1.0, 1.0)
-    e = (b >> 3) & 0xF
-    mant = b & 0x7
-    val = np.where(e == 0, mant / 8.0 * 2.0**-6, (1.0 + mant / 8.0) * 2.0 ** (e - 7.0))
-    val = sign * val
-    val[(b & 0x7F) == 0x7F] = np.nan
-    return val.astype(np.float32)
-
-
-def _fp8_e5m2_table() -> np.ndarray:
-    """float8 e5m2 -> f32 for all 256 codes: exactly the top byte of an IEEE half."""
-    return (np.arange(256, dtype=np.uint16) << 8).view(np.float16).astype(np.float32)
-
-
-_FP8_TABLES = {"F8_E4M3": _fp8_e4m3fn_table(), "F8_E5M2": _fp8_e5m2_table()}
-
-
-def _decode_rows(raw: np.ndarray, tag: str, out: np.ndarray) -> np.ndarray:
-    """Decode a C-contiguous block of stored weights into the f32 ``out`` (same shape).
-
-    TODO(kernels/decode.py): switch to ``streamexec.kernels.decode.decode_to_f32(raw, tag,
-    out=out)`` once it lands; this is a private stand-in with the same contract.
-    """
-    if tag == "F32":
-        np.copyto(out, raw)
-    elif tag == "F16":
-        np.copyto(out, raw.view(np.float16))
-    elif tag == "BF16":
-        np.left_shift(raw.view(np.uint16), np.uint32(16), out=out.view(np.uint32))
-    elif tag in _FP8_TABLES:
-        np.take(_FP8_TABLES[tag], raw.view(np.uint8), out=out)
-    else:
-        raise ValueError(f"unsupported weight dtype {tag!r}; expected one of {_WEIGHT_TAGS}")
-    return out
-
-
-def _storage_dtype(tag: str) -> np.dtype:
-    return {
-        "F32": np.dtype(np.float32),
-        "F16": np.dtype(np.float16),
-        "BF16": np.dtype(np.uint16),
-        "F8_E4M3": np.dtype(np.uint8),
-        "F8_E5M2": np.dtype(np.uint8),
-    }[tag]
+_WEIGHT_TAGS = tuple(DECODE_TAGS)
+_BIAS_TAG_OF_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 
 
 # ============================================================================================
@@ -248,11 +202,11 @@ def conv2d_plan(
     n, cin, _h, _w = x_shape
     cout, _cin, kh, kw = w_shape
     pads = _pads(padding, pad)
-    _, _, hout, wout = conv2d_out_shape(
-        x_shape, w_shape, stride=stride, padding=padding, pad=pad, upsample=upsample
-    )
+    _, _, hout, wout = conv2d_out_shape(x_shape, w_shape, stride=stride, padding=padding, pad=pad, upsample=upsample)
     k = cin * kh * kw
     nw = kernel_workers() if workers is None else max(1, int(workers))
+    if 2.0 * cout * k * n * hout * wout < PARALLEL_MIN_FLOPS:
+        nw = 1  # conv2d runs small convolutions in the calling thread
     if band_rows is None:
         per_row = max(1, n * wout)
         br = max(1, -(-_COL_TARGET_COLS // per_row))
@@ -269,9 +223,15 @@ def conv2d_plan(
         pr = int(panel_rows)
     pr = max(1, min(pr, cout))
     n_panels = -(-cout // pr)
+    # Channel groups only to keep every worker busy: the smallest split whose items fill the
+    # workers' rounds to >= 90 % (each extra group repeats the band's im2col).
     groups = 1
-    if n_bands < 2 * nw:
-        groups = max(1, min(n_panels, -(-2 * nw // max(n_bands, 1))))
+    if nw > 1 and n_bands > 0:
+        for g in range(1, n_panels + 1):
+            items = n_bands * g
+            groups = g
+            if items / (nw * -(-items // nw)) >= 0.9:
+                break
     if w_dtype == "F32":
         # no decode: a "panel" is the whole group's rows, read in place
         group_rows = -(-cout // groups)
@@ -375,7 +335,7 @@ def conv2d(
         raise ValueError(f"conv2d expects x [N,Cin,H,W] and w [Cout,Cin,kh,kw]: {x.shape} {w.shape}")
     if x.dtype != np.float32:
         raise TypeError(f"x must be float32, got {x.dtype}")
-    if w.dtype.itemsize != _storage_dtype(w_dtype).itemsize:
+    if w.dtype.itemsize != DECODE_TAGS[w_dtype].itemsize:
         raise TypeError(f"w of dtype {w.dtype} cannot hold {w_dtype} weights")
     n, cin, h, wid = x.shape
     cout, cin_w, kh, kw = w.shape
@@ -386,16 +346,10 @@ def conv2d(
         raise ValueError("stride must be >= 1")
     pads = _pads(padding, pad)
     pt, _pb, pl, _pr = pads
-    _, _, hout, wout = conv2d_out_shape(
-        x.shape, w.shape, stride=stride, padding=padding, pad=pad, upsample=upsample
-    )
+    _, _, hout, wout = conv2d_out_shape(x.shape, w.shape, stride=stride, padding=padding, pad=pad, upsample=upsample)
     if out is None:
         out = np.empty((n, cout, hout, wout), np.float32)
-    elif (
-        out.shape != (n, cout, hout, wout)
-        or out.dtype != np.float32
-        or not out.flags.c_contiguous
-    ):
+    elif out.shape != (n, cout, hout, wout) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 {(n, cout, hout, wout)} array")
     if n == 0 or cout == 0 or hout == 0 or wout == 0:
         return out
@@ -403,12 +357,14 @@ def conv2d(
     xa = np.asarray(x)  # a memmap's plain-ndarray view (no copy, no read)
     if not xa.flags.c_contiguous:
         xa = np.ascontiguousarray(xa)
+    xa = xa.view()
+    xa.flags.writeable = False  # one compiled specialisation for read-only (mmap) and normal input
     k = cin * kh * kw
     w2 = np.ascontiguousarray(w).reshape(cout, k)
     b32: np.ndarray | None = None
     if bias is not None:
-        btag = bias_dtype or ("F32" if bias.dtype == np.float32 else w_dtype)
-        b32 = _decode_rows(np.ascontiguousarray(bias), btag, np.empty(cout, np.float32))
+        btag = bias_dtype or _BIAS_TAG_OF_DTYPE.get(bias.dtype, w_dtype)
+        b32 = decode_to_f32(np.ascontiguousarray(bias), btag, np.empty(cout, np.float32))
         b32 = b32.reshape(cout, 1)
 
     p = conv2d_plan(
@@ -459,7 +415,8 @@ def conv2d(
             if f32_weights:
                 pw = w2[co0:co1]
             else:
-                pw = _decode_rows(w2[co0:co1], w_dtype, panel[: co1 - co0])
+                # serial decode: we are inside parallel work already (see module doc)
+                pw = decode_to_f32(w2[co0:co1], w_dtype, panel[: co1 - co0], parallel=False)
             for i in range(n):
                 if pointwise:
                     src = x_flat[i, :, r0 * wout : r1 * wout]
