@@ -13,8 +13,9 @@ and up; nothing requires AVX):
 * ``exp``: Cody-Waite range reduction ``x = n ln2 + r`` (``n ln2`` split into an exactly
   representable high part and a low part) and the degree-7 Taylor polynomial of ``exp(r)`` on
   ``|r| <= ln2/2`` (truncation error < 6e-9 relative), scaled by ``2**n`` built from exponent
-  bits.  Measured max error vs float64 ``numpy.exp``: 2 ulp on [-87, 88]. Overflow -> inf,
-  underflow (< -87.3) -> 0 (no subnormal results), NaN -> NaN.
+  bits.  Measured max error vs float64 ``numpy.exp`` on [-87, 88.7]: 0.93 ulp with FMA
+  contraction, 1.21 ulp without.  Overflow -> inf, results below ~2.4e-38 -> 0 (no subnormals),
+  NaN -> NaN.
 * ``erf`` (only inside ``gelu``): the Abramowitz & Stegun 7.1.26 formula, absolute error
   <= 1.5e-7 — the same formula PyTorch's vectorised CPU ``erf`` uses, so ``gelu`` tracks
   ``torch.nn.functional.gelu`` to ~1e-7 absolute.
@@ -22,8 +23,12 @@ and up; nothing requires AVX):
   ``gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u)``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``
   (identical in exact arithmetic, no cancellation); ``quick_gelu = x * sigmoid(1.702 x)``.
 
-``fastmath`` is off everywhere except the pure reductions (row sums/max), which use only
-``reassoc`` so LLVM can vectorise them (a different summation order, not lower precision).
+``fastmath`` is limited to two flags: ``contract`` (FMA fusion) in the element-wise kernels, and
+``reassoc`` in the pure reductions (row sums/max) so LLVM can vectorise them (a different
+summation order, not lower precision).  Every kernel uses ``error_model="numpy"``: with Python's
+error model each ``/`` carries a ZeroDivisionError check that stops LLVM vectorising the loop.
+Measured on one EPYC core (AVX-512): silu/quick_gelu 2.5 Gelem/s, gelu_tanh 2.2, gelu 1.75,
+softmax rows 1.0 (torch on the same core: 0.16-0.46); the kernels run on all Numba threads.
 """
 
 from __future__ import annotations
@@ -65,8 +70,9 @@ _HALF = np.float32(0.5)
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # 355/512: n * _LN2_HI is exact for |n| < 2**15
 _LN2_LO = np.float32(-2.1219444005469057e-4)  # ln2 - _LN2_HI
-_EXP_HI = np.float32(88.72283)  # above: exp overflows f32
+_EXP_HI = np.float32(89.0)  # exp(89) > FLT_MAX: the scaling overflows to inf by itself
 _EXP_LO = np.float32(-87.33654)  # below: result would be subnormal; flushed to 0
+_TWO = np.float32(2.0)
 _C2 = np.float32(1.0 / 2)
 _C3 = np.float32(1.0 / 6)
 _C4 = np.float32(1.0 / 24)
@@ -74,6 +80,10 @@ _C5 = np.float32(1.0 / 120)
 _C6 = np.float32(1.0 / 720)
 _C7 = np.float32(1.0 / 5040)
 _INF = np.float32(np.inf)
+# Element-wise kernels allow FMA contraction ("contract"), nothing else: it only removes
+# intermediate roundings (exp max error 1.2 -> 0.93 ulp) and makes silu 1.8x faster on FMA hosts;
+# hosts without FMA compute the same expressions unfused.
+_FM = {"contract"}
 _SQRT1_2 = np.float32(0.7071067811865476)
 _SQRT_2_OVER_PI_X2 = np.float32(2.0 * 0.7978845608028654)  # 2 sqrt(2/pi)
 _GELU_TANH_C = np.float32(0.044715)
@@ -106,6 +116,7 @@ def _bits_f32(typingctx, x):
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def exp_f32(x):
     """exp for float32 scalars, vectorisable (see module docstring for accuracy)."""
+    # clamp: below -87.34 the result flushes to 0; at 89 the 2**n scaling below overflows to inf
     xc = min(max(x, _EXP_LO), _EXP_HI)
     n = np.floor(xc * _LOG2E + _HALF)
     r = (xc - n * _LN2_HI) - n * _LN2_LO
@@ -116,14 +127,10 @@ def exp_f32(x):
     p = _C2 + r * p
     p = _F1 + r * p
     p = _F1 + r * p
-    # 2**n with n in [-126, 128]; split 2**n = 2**(n//2) * 2**(n - n//2) so n = 128 stays finite
-    ni = np.int32(n)
-    h = ni >> np.int32(1)
-    s1 = _bits_f32(np.int32((h + np.int32(127)) << np.int32(23)))
-    s2 = _bits_f32(np.int32((ni - h + np.int32(127)) << np.int32(23)))
-    res = (p * s1) * s2
-    res = _INF if x > _EXP_HI else res
-    res = _F0 if x < _EXP_LO else res
+    # 2**n = 2**(n-1) * 2 with n in [-126, 128]: n-1+127 fits the exponent field (n = -126 gives
+    # the bit pattern 0, i.e. a 0 result: only for x < -86.98, where exp(x) < 2.4e-38)
+    s = _bits_f32(np.int32((np.int32(n) + np.int32(126)) << np.int32(23)))
+    res = (p * s) * _TWO
     return x if x != x else res
 
 
@@ -206,7 +213,7 @@ def _act_slice(src, dst, code):
 # of the parent array is not vectorised by LLVM there (measured 3.5x slower).
 
 
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True, fastmath=_FM)
 def _act_kernel(src, dst, code, nchunks):
     """dst = act(src) over 1-D arrays, split into ``nchunks`` contiguous ranges."""
     n = src.size
@@ -275,14 +282,14 @@ def softmax_row(src, dst):
         dst[i] *= inv
 
 
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True, fastmath=_FM)
 def _softmax_kernel(src, dst, rows, d):
     """Softmax over each length-``d`` row of flat ``src`` -> ``dst``."""
     for r in prange(rows):
         softmax_row(src[r * d : (r + 1) * d], dst[r * d : (r + 1) * d])
 
 
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True, fastmath=_FM)
 def _geglu_kernel(h, out, rows, inner, code):
     """out[r, j] = h[r, j] * act(h[r, inner + j]) over flat row-major arrays."""
     for r in prange(rows):
@@ -300,7 +307,7 @@ def _geglu_kernel(h, out, rows, inner, code):
                 o[j] = a[j] * act_f32(g[j], code)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True, fastmath=_FM)
 def _gated_kernel(a, b, out, nchunks, code):
     """out = act(a) * b over flat arrays (T5 gated-gelu: act on wi_0's output)."""
     n = a.size

@@ -16,15 +16,28 @@ AVX-512-BF16 / AVX instructions (LLVM still vectorises them with whatever the ho
 Every Numba kernel takes 1-D C-contiguous **read-only** inputs (the wrapper makes the view
 read-only, so mmapped and in-memory arrays share one compiled specialisation) and writes a 1-D
 C-contiguous ``uint32`` view of the f32 output.  Kernels are ``nogil`` so prefetch threads can
-decode while the main thread multiplies.
+decode while the main thread multiplies.  The F16/FP8 bit manipulation is written as LLVM IR
+with 32-bit integer operations (Numba widens every integer operation to 64 bits, which halves the
+SIMD width): 6.5 Gelem/s per core for F16 instead of 2.7; BF16 runs at ~15 Gelem/s in cache.
+
+Import side effect: ``GOMP_SPINCOUNT`` defaults to 10000 (unless already set).  With libgomp's
+default (300000) the OpenMP workers of a Numba ``parallel=True`` kernel keep spinning for several
+ms after it returns, on the cores the next sgemm needs: measured +7-8 ms on every
+layer_norm -> linear transition of SD-sized ops (a 2x slowdown); 10000 keeps back-to-back
+parallel launches as fast as before.  It takes effect only if libgomp is not loaded yet (Numba
+loads it at the first parallel launch), so the CLI should also set it at start-up.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 __all__ = ["DECODE_TAGS", "decode_to_f32", "as_f32", "readonly_flat"]
 
@@ -41,55 +54,92 @@ DECODE_TAGS: dict[str, np.dtype] = {
 _PARALLEL_MIN = 1 << 16
 
 
+_I32 = ir.IntType(32)
+
+
+def _c32(v: int) -> ir.Constant:
+    return ir.Constant(_I32, v)
+
+
+def _to_i32(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    w = v.type.width
+    return builder.zext(v, _I32) if w < 32 else (builder.trunc(v, _I32) if w > 32 else v)
+
+
+def _f16_bits_ir(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """IR: IEEE half bits (i32, upper bits zero) -> IEEE single bits (i32). 32-bit ops only."""
+    sign = builder.shl(builder.and_(v, _c32(0x8000)), _c32(16))
+    e = builder.and_(builder.lshr(v, _c32(10)), _c32(0x1F))
+    m = builder.and_(v, _c32(0x3FF))
+    # normal: rebias exponent 15 -> 127 (add 112 << 23)
+    normal = builder.add(builder.shl(builder.and_(v, _c32(0x7FFF)), _c32(13)), _c32(112 << 23))
+    # inf / NaN: all-ones exponent, mantissa (payload) kept
+    special = builder.or_(_c32(0x7F800000), builder.shl(m, _c32(13)))
+    # subnormal: m * 2**-24; float(m) is exact, then subtract 24 from its biased exponent
+    mf = builder.bitcast(builder.sitofp(m, ir.FloatType()), _I32)
+    sub = builder.sub(mf, _c32(24 << 23))
+    sub = builder.select(builder.icmp_unsigned("==", m, _c32(0)), _c32(0), sub)
+    r = builder.select(builder.icmp_unsigned("==", e, _c32(0x1F)), special, normal)
+    r = builder.select(builder.icmp_unsigned("==", e, _c32(0)), sub, r)
+    return builder.or_(sign, r)
+
+
+def _e4m3_bits_ir(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """IR: OCP e4m3fn byte (i32) -> IEEE single bits (i32). 32-bit ops only."""
+    sign = builder.shl(builder.and_(v, _c32(0x80)), _c32(24))
+    e = builder.and_(builder.lshr(v, _c32(3)), _c32(0xF))
+    m = builder.and_(v, _c32(0x7))
+    # normal: rebias 7 -> 127 (add 120); the 3 mantissa bits go to the top of the 23-bit field
+    normal = builder.or_(builder.shl(builder.add(e, _c32(120)), _c32(23)), builder.shl(m, _c32(20)))
+    # subnormal: m * 2**-9
+    mf = builder.bitcast(builder.sitofp(m, ir.FloatType()), _I32)
+    sub = builder.sub(mf, _c32(9 << 23))
+    sub = builder.select(builder.icmp_unsigned("==", m, _c32(0)), _c32(0), sub)
+    r = builder.select(builder.icmp_unsigned("==", e, _c32(0)), sub, normal)
+    # S.1111.111 is the only NaN (no infinities): quiet NaN with the stored sign
+    is_nan = builder.icmp_unsigned("==", builder.and_(v, _c32(0x7F)), _c32(0x7F))
+    r = builder.select(is_nan, _c32(0x7FC00000), r)
+    return builder.or_(sign, r)
+
+
+# Numba promotes every integer operation to 64 bits, which halves the SIMD width of these
+# decoders; written directly in LLVM IR with i32 operations they vectorise 2.5x better.
+
+
 @intrinsic
-def _f32_bits(typingctx, x):
-    """Reinterpret a float32 as its uint32 bit pattern (no conversion)."""
-    if x != types.float32:
+def f16_bits_to_f32_bits(typingctx, h):
+    """IEEE binary16 bit pattern (any unsigned int type) -> binary32 bit pattern (uint32)."""
+    if not isinstance(h, types.Integer):
         return None
-    sig = types.uint32(types.float32)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
+        return _f16_bits_ir(builder, _to_i32(builder, args[0]))
 
-    return sig, codegen
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _f16_bits_to_f32_bits(h):
-    """IEEE half bit pattern (as uint32 in [0, 65535]) -> IEEE single bit pattern."""
-    h = np.uint32(h)
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    e = (h >> np.uint32(10)) & np.uint32(0x1F)
-    m = h & np.uint32(0x3FF)
-    # normal: rebias exponent 15 -> 127 (add 112 << 23)
-    normal = ((h & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(112 << 23)
-    # inf / NaN: all-ones exponent, mantissa (payload) kept
-    special = np.uint32(0x7F800000) | (m << np.uint32(13))
-    # subnormal: value m * 2**-24; float32(m) is exact, then subtract 24 from its exponent
-    sub = _f32_bits(np.float32(m)) - np.uint32(24 << 23)
-    sub = sub if m != np.uint32(0) else np.uint32(0)
-    r = normal
-    r = special if e == np.uint32(0x1F) else r
-    r = sub if e == np.uint32(0) else r
-    return sign | r
+    return types.uint32(h), codegen
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _e4m3_bits_to_f32_bits(b):
-    """OCP float8 e4m3fn byte (as uint32 in [0, 255]) -> IEEE single bit pattern."""
-    b = np.uint32(b)
-    sign = (b & np.uint32(0x80)) << np.uint32(24)
-    e = (b >> np.uint32(3)) & np.uint32(0xF)
-    m = b & np.uint32(0x7)
-    # normal: rebias 7 -> 127 (add 120), 3 mantissa bits go to the top of the 23-bit field
-    normal = ((e + np.uint32(120)) << np.uint32(23)) | (m << np.uint32(20))
-    # subnormal: m * 2**-9 ; float32(m) exact, subtract 9 from the exponent
-    sub = _f32_bits(np.float32(m)) - np.uint32(9 << 23)
-    sub = sub if m != np.uint32(0) else np.uint32(0)
-    r = normal
-    r = sub if e == np.uint32(0) else r
-    r = np.uint32(0x7FC00000) if (b & np.uint32(0x7F)) == np.uint32(0x7F) else r
-    return sign | r
+@intrinsic
+def e5m2_bits_to_f32_bits(typingctx, b):
+    """float8 e5m2 byte -> binary32 bit pattern (it is the top byte of a binary16)."""
+    if not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _f16_bits_ir(builder, builder.shl(_to_i32(builder, args[0]), _c32(8)))
+
+    return types.uint32(b), codegen
+
+
+@intrinsic
+def e4m3_bits_to_f32_bits(typingctx, b):
+    """float8 e4m3fn byte -> binary32 bit pattern (uint32)."""
+    if not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _e4m3_bits_ir(builder, _to_i32(builder, args[0]))
+
+    return types.uint32(b), codegen
 
 
 # --- serial kernels (small arrays, panels decoded inside other parallel work) -------------------
@@ -104,19 +154,19 @@ def _bf16_serial(src, dst):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _f16_serial(src, dst):
     for i in range(src.size):
-        dst[i] = _f16_bits_to_f32_bits(src[i])
+        dst[i] = f16_bits_to_f32_bits(src[i])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _e4m3_serial(src, dst):
     for i in range(src.size):
-        dst[i] = _e4m3_bits_to_f32_bits(src[i])
+        dst[i] = e4m3_bits_to_f32_bits(src[i])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _e5m2_serial(src, dst):
     for i in range(src.size):
-        dst[i] = _f16_bits_to_f32_bits(np.uint32(src[i]) << np.uint32(8))
+        dst[i] = e5m2_bits_to_f32_bits(src[i])
 
 
 # --- parallel kernels: prange splits the range into one contiguous chunk per thread ------------------
@@ -131,19 +181,19 @@ def _bf16_parallel(src, dst):
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def _f16_parallel(src, dst):
     for i in prange(src.size):
-        dst[i] = _f16_bits_to_f32_bits(src[i])
+        dst[i] = f16_bits_to_f32_bits(src[i])
 
 
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def _e4m3_parallel(src, dst):
     for i in prange(src.size):
-        dst[i] = _e4m3_bits_to_f32_bits(src[i])
+        dst[i] = e4m3_bits_to_f32_bits(src[i])
 
 
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def _e5m2_parallel(src, dst):
     for i in prange(src.size):
-        dst[i] = _f16_bits_to_f32_bits(np.uint32(src[i]) << np.uint32(8))
+        dst[i] = e5m2_bits_to_f32_bits(src[i])
 
 
 _KERNELS = {

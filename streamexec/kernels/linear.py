@@ -1,24 +1,50 @@
 """Linear layers over weights kept in their stored dtype: decode a panel, BLAS it, reuse the panel.
 
-``y = act(x @ W.T + bias) + residual`` with ``x`` float32 [M, K] and ``W`` [N, K] stored as
+``y = act(x @ W.T + bias) (+ or *) other`` with ``x`` float32 [M, K] and ``W`` [N, K] stored as
 F32/F16/BF16/F8_E4M3/F8_E5M2.  W is never expanded to a full f32 copy: ``panel_rows`` output rows
 of W at a time are decoded into a small reused f32 scratch (``linear_scratch_bytes``) and
-multiplied with numpy's sgemm (``np.matmul(..., out=...)`` into a column slice of ``y``, which
-numpy hands to BLAS directly with ``ldc = N`` — no copy).  Bias, activation and residual are
-applied per output tile right after its GEMM, while the tile is still in cache.
+multiplied with numpy's sgemm (``np.matmul(x, panel.T, out=y[:, cols])``: numpy hands the
+strided column slice to BLAS as ``ldc = N`` and the transposed panel as a transpose flag, no
+copies).  Bias, activation and residual/gate are applied to each output tile right after its
+GEMM by a serial Numba epilogue.
 
-Loop order is panel-outer, row-chunk-inner, so every panel of W is decoded exactly once per
-call.  ``row_chunk`` bounds the rows of x per GEMM call (and the size of the temporary tile that
-is needed when ``residual`` is ``out`` itself).  Everything here takes C-contiguous float32
-activations; the weight may be a read-only mmapped view.
+How the work is spread over cores (all numbers: 2-core EPYC, bf16 weights, ratio of wall time to
+numpy sgemm on a pre-decoded f32 W; ``tools/bench_kernels.py`` and the comments below):
+the output is split into one rectangle per *worker* (the calling thread plus
+``linear_workers() - 1`` pool threads); each worker decodes its own panels into its own scratch
+and runs **single-threaded** sgemm on them, while OpenBLAS is switched to one thread for the
+duration of the call (and its idle worker threads, which otherwise spin for tens of ms after a
+multi-threaded call, are shut down first).  Rows are split for tall x (SD: M=8192, N=320),
+columns otherwise (T5, FLUX MLP-up) — see ``_split``.  Compared with "decode a panel, then one
+multi-threaded sgemm" (0.70-0.79 on T5/FLUX shapes: OpenBLAS's spinning worker lands on the core
+that decodes, and each freshly decoded panel must migrate to the other core), this reaches
+0.93-1.0 on every SD/FLUX/T5 shape.  Small products (< ``_PARALLEL_MIN_FLOP`` with less than
+``_PARALLEL_MIN_DECODE`` weights) and numpy builds whose BLAS threads we cannot control run in the
+calling thread with BLAS's own threading instead.
+
+Panel layout: the panel is decoded as [P, K] and handed to sgemm transposed.  Decoding it as
+[K, P] ("NN" sgemm) measured 0-4% faster sgemm on big shapes (10% at M=128), less than the extra
+cost of a transposing decode; writing into the strided column slice of y vs a contiguous tile
+made no measurable difference (numpy passes ``ldc`` to BLAS; it never copies).
+
+No Numba ``parallel=True`` region runs inside these functions: a worker of a parallel region
+would contend with sgemm.  Everything takes C-contiguous float32 activations; the weight may be a
+read-only mmapped view.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+import ctypes
+import glob
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
-from streamexec.kernels.activations import _act_slice, activation_code, geglu_combine, mul_
+import numpy as np
+from numba import njit
+
+from streamexec.kernels.activations import _act_slice, activation_code
 from streamexec.kernels.decode import DECODE_TAGS, as_f32, decode_to_f32, readonly_flat
 
 __all__ = [
@@ -26,69 +52,177 @@ __all__ = [
     "geglu",
     "gated_gelu",
     "linear_scratch_bytes",
+    "linear_workers",
     "default_panel_rows",
-    "geglu_scratch_bytes",
+    "hidden_scratch_bytes",
 ]
 
-# Default panel: enough output rows that each sgemm call has a wide N (BLAS efficiency drops
-# below ~256 columns for small K), but the f32 panel stays around L2/L3 size.  Measured on the
-# 2-core EPYC (see the module's benchmark notes in the final report): 256-512 rows reach
-# >= 0.9 of a full pre-decoded sgemm on SD/FLUX/T5 shapes.
-_PANEL_TARGET_BYTES = 4 << 20
-_PANEL_MIN_ROWS = 64
+# Default panel: ~12 MB of f32 per worker, a multiple of 32 rows in [128, 1024].  Each sgemm
+# call re-packs all of x, so narrow panels cost (bf16, 2 workers, ratio to numpy sgemm on a
+# pre-decoded W; FLUX 4608x3072x12288 / 4608x12288x3072 / T5 512x4096x10240):
+#   panel rows   64     128    256    512    1024
+#   flux_up     0.78   0.88   0.93   0.97   0.98
+#   flux_down   0.81   0.89   0.94   0.95   0.97
+#   t5_wi       0.90   0.94   0.96   0.97   0.97
+# -> 1024 rows up to K=3072 (<= 12.6 MB), 256 rows at K=12288, 192 at K=15360.
+_PANEL_TARGET_BYTES = 12 << 20
+_PANEL_MIN_ROWS = 128
 _PANEL_MAX_ROWS = 1024
-_PANEL_ALIGN = 64
-# Tiles needed only when residual aliases out: bound them to this many bytes.
-_TILE_TARGET_BYTES = 2 << 20
-
-# Default bound of the GEGLU / gated-GELU intermediate: all of M for T5 (512 x 10240) and
-# SD's 2*1024-token levels; larger M is chunked (each chunk decodes W again: cheap vs the GEMM).
+_PANEL_ALIGN = 32
+# Below this many flops and decoded weight elements the thread hand-off (~20 us, plus ~50 us to
+# re-create OpenBLAS's threads afterwards) is not worth it: one thread + multi-threaded BLAS.
+_PARALLEL_MIN_FLOP = 150e6
+_PARALLEL_MIN_DECODE = 1 << 20
+# Columns per worker are multiples of this (keeps sgemm tiles whole).
+_COL_ALIGN = 16
+# Tiles needed only when the residual/gate aliases out: bound them to this many bytes.
+_TILE_TARGET_BYTES = 1 << 20
+# Default bound of the GEGLU / gated-GELU intermediate ([row_chunk, inner] f32).
 _HIDDEN_TARGET_BYTES = 32 << 20
-
-_DECODE_PARALLEL: bool | None = None
 
 _EMPTY = np.empty(0, dtype=np.float32)
 _EMPTY.flags.writeable = False
 
+_COMBINE = {"add": 1, "mul": 2}
+
+
+# --- BLAS thread control --------------------------------------------------------------------------
+
+
+class _BlasThreads:
+    """get/set of the OpenBLAS thread count of the library numpy loaded (None if not found)."""
+
+    _SYMS = (
+        ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+        ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+        ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+        ("openblas_get_num_threads", "openblas_set_num_threads"),
+    )
+
+    def __init__(self) -> None:
+        self.get: Callable[[], int] | None = None
+        self.set: Callable[[int], None] | None = None
+        self.shutdown: Callable[[], object] | None = None
+        for path in self._candidates():
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for g, s in self._SYMS:
+                if hasattr(lib, g) and hasattr(lib, s):
+                    getf, setf = getattr(lib, g), getattr(lib, s)
+                    getf.restype = ctypes.c_int
+                    getf.argtypes = []
+                    setf.restype = None
+                    setf.argtypes = [ctypes.c_int]
+                    self.get, self.set = getf, setf
+                    if hasattr(lib, "blas_thread_shutdown_"):
+                        self.shutdown = lib.blas_thread_shutdown_
+                        self.shutdown.restype = ctypes.c_int
+                        self.shutdown.argtypes = []
+                    return
+
+    @staticmethod
+    def _candidates() -> list[str]:
+        paths: list[str] = []
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    p = line.rsplit(None, 1)[-1]
+                    if "openblas" in os.path.basename(p).lower() and p not in paths:
+                        paths.append(p)
+        except OSError:
+            pass
+        libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+        paths += [p for p in glob.glob(os.path.join(libdir, "*openblas*")) if p not in paths]
+        return paths
+
+
+_blas: _BlasThreads | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_lock = threading.Lock()
+
+
+def _blas_threads() -> _BlasThreads:
+    global _blas
+    if _blas is None:
+        _blas = _BlasThreads()
+    return _blas
+
+
+def linear_workers() -> int:
+    """How many threads ``linear`` spreads a large product over (the OpenBLAS thread count).
+
+    1 when the BLAS thread count cannot be controlled (then BLAS threads itself).  Set the
+    OpenBLAS thread count (``OPENBLAS_NUM_THREADS``) to change it.
+    """
+    b = _blas_threads()
+    if b.get is None:
+        return 1
+    return max(1, int(b.get()))
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size < n:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="streamexec-linear")
+        _pool_size = n
+    return _pool
+
+
+# --- sizes ----------------------------------------------------------------------------------------
+
 
 def default_panel_rows(k: int, n: int) -> int:
-    """Panel height (output rows of W decoded at once) for a weight of shape [n, k].
+    """Panel height (rows of W decoded at once per worker) for a weight of shape [n, k].
 
-    About ``_PANEL_TARGET_BYTES`` of f32 per panel, a multiple of 64 rows, at least 64 and at
-    most 1024 (and never more than n).
+    About ``_PANEL_TARGET_BYTES`` (12 MB) of f32, a multiple of 32 rows in [128, 1024], at most n.
     """
     rows = _PANEL_TARGET_BYTES // (4 * max(1, k))
     rows = max(_PANEL_MIN_ROWS, min(_PANEL_MAX_ROWS, rows))
-    rows = (rows // _PANEL_ALIGN) * _PANEL_ALIGN or _PANEL_ALIGN
+    rows = (rows // _PANEL_ALIGN) * _PANEL_ALIGN
     return max(1, min(n, rows))
 
 
-def linear_scratch_bytes(k: int, panel_rows: int) -> int:
-    """Bytes of f32 scratch ``linear`` needs for a panel of ``panel_rows`` rows of length k.
+def linear_scratch_bytes(k: int, panel_rows: int, workers: int | None = None) -> int:
+    """Bytes of f32 panel scratch ``linear`` uses: ``workers * panel_rows * k * 4``.
 
-    Pass ``np.empty(linear_scratch_bytes(k, p) // 4, np.float32)`` as ``scratch`` to make the call
-    allocation-free (F32 weights need no scratch: 0 is also fine for them).
+    ``workers`` defaults to ``linear_workers()``.  Pass ``np.empty(bytes // 4, np.float32)`` as
+    ``scratch`` to make the call allocation-free; a smaller scratch (>= one panel) makes linear
+    use fewer workers.  F32 weights need no scratch.
     """
-    return 4 * k * panel_rows
+    if workers is None:
+        workers = linear_workers()
+    return 4 * k * panel_rows * max(1, workers)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def _epilogue(src, src_ld, src_r0, src_c0, dst, dst_ld, r0, nr, c0, nc, bias, res, code):
-    """dst[r0+r, c0:c0+nc] = act(src[src_r0+r, src_c0:+nc] + bias[c0:+nc]) + res[r0+r, c0:+nc].
+def hidden_scratch_bytes(inner: int, row_chunk: int) -> int:
+    """Bytes of the [row_chunk, inner] f32 intermediate of ``geglu`` / ``gated_gelu``."""
+    return 4 * row_chunk * inner
 
-    All arrays are flat row-major views; ``bias``/``res`` of size 0 mean "none"; ``res`` has the
-    layout of ``dst`` and may be ``dst`` itself; ``src`` (the GEMM result) is overwritten with
-    act(src + bias).  ``src`` may be ``dst`` (in place, same coordinates).
+
+# --- epilogue -------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+def _epilogue(src, src_ld, src_r0, src_c0, dst, dst_ld, r0, nr, c0, nc, bias, res, code, mode):
+    """dst[r0+r, c0+j] = act(src[src_r0+r, src_c0+j] + bias[c0+j]) (+|*) res[r0+r, c0+j].
+
+    Flat row-major views; ``bias``/``res`` of size 0 mean none; ``mode`` 1 adds res, 2 multiplies.
+    ``res`` has the layout of ``dst`` and may be ``dst`` itself (each res element is read before
+    the dst element is written).  ``src`` (the GEMM result) is overwritten with act(src + bias);
+    it may be ``dst`` at the same coordinates.  Serial: it runs inside a worker.
     """
     has_bias = bias.size > 0
     has_res = res.size > 0
-    for r in prange(nr):
+    for r in range(nr):
         s0 = (src_r0 + r) * src_ld + src_c0
         d0 = (r0 + r) * dst_ld + c0
         s = src[s0 : s0 + nc]
         d = dst[d0 : d0 + nc]
-        # bias and activation in place on src (the GEMM result), then combine into dst: res may
-        # be dst itself, so each res[j] is read before d[j] is written
         if has_bias:
             b = bias[c0 : c0 + nc]
             for j in range(nc):
@@ -97,11 +231,18 @@ def _epilogue(src, src_ld, src_r0, src_c0, dst, dst_ld, r0, nr, c0, nc, bias, re
             _act_slice(s, s, code)
         if has_res:
             q = res[d0 : d0 + nc]
-            for j in range(nc):
-                d[j] = s[j] + q[j]
+            if mode == 2:
+                for j in range(nc):
+                    d[j] = s[j] * q[j]
+            else:
+                for j in range(nc):
+                    d[j] = s[j] + q[j]
         elif s0 != d0 or src_ld != dst_ld:
             for j in range(nc):
                 d[j] = s[j]
+
+
+# --- argument checks ------------------------------------------------------------------------------
 
 
 def _check_x(x: np.ndarray, k: int | None = None) -> None:
@@ -114,17 +255,80 @@ def _check_x(x: np.ndarray, k: int | None = None) -> None:
 def _check_w(w: np.ndarray, w_dtype: str) -> None:
     want = DECODE_TAGS.get(w_dtype)
     if want is None:
-        raise ValueError(f"unknown weight dtype {w_dtype!r}")
+        raise ValueError(f"unknown weight dtype {w_dtype!r}; known: {sorted(DECODE_TAGS)}")
     if w.ndim != 2 or not w.flags.c_contiguous or w.dtype.itemsize != want.itemsize:
         raise TypeError(f"w must be a C-contiguous [N, K] {w_dtype} array, got {w.dtype} {w.shape}")
 
 
-def _f32_out(out: np.ndarray | None, shape: tuple[int, int], what: str = "out") -> np.ndarray:
-    if out is None:
+def _f32_2d(a: np.ndarray | None, shape: tuple[int, int], what: str) -> np.ndarray:
+    if a is None:
         return np.empty(shape, dtype=np.float32)
-    if out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != shape:
+    if a.dtype != np.float32 or not a.flags.c_contiguous or a.shape != shape:
         raise ValueError(f"{what} must be a C-contiguous float32 {shape} array")
-    return out
+    return a
+
+
+# --- the product ----------------------------------------------------------------------------------
+
+
+class _Job:
+    """Everything one call needs; ``run`` computes one rectangle of the output."""
+
+    def __init__(self, x, w, w_dtype, out, bias, res, code, mode, panel, row_chunk, tiles):
+        self.x, self.w, self.w_dtype, self.out = x, w, w_dtype, out
+        self.k = w.shape[1]
+        self.bias = _EMPTY if bias is None else readonly_flat(bias)
+        self.res = _EMPTY if res is None else readonly_flat(res)
+        self.code, self.mode = code, mode
+        self.panel, self.row_chunk, self.tiles = panel, row_chunk, tiles
+        self.need_epi = bias is not None or code != 0 or res is not None
+        self.out_flat = out.reshape(-1)
+
+    def run(self, r_lo: int, r_hi: int, c_lo: int, c_hi: int, scratch: np.ndarray | None) -> None:
+        """out[r_lo:r_hi, c_lo:c_hi]: decode each panel of W once, sgemm it row chunk by chunk."""
+        x, k, ld = self.x, self.k, self.out.shape[1]
+        is_f32 = self.w_dtype == "F32"
+        tile = np.empty(self.row_chunk * self.panel, dtype=np.float32) if self.tiles else None
+        for n0 in range(c_lo, c_hi, self.panel):
+            p = min(self.panel, c_hi - n0)
+            if is_f32:
+                pt = self.w[n0 : n0 + p].view(np.float32).T
+            else:
+                pan = scratch[: p * k].reshape(p, k)
+                decode_to_f32(self.w[n0 : n0 + p], self.w_dtype, pan, parallel=False)
+                pt = pan.T
+            for m0 in range(r_lo, r_hi, self.row_chunk):
+                r = min(self.row_chunk, r_hi - m0)
+                if tile is not None:
+                    np.matmul(x[m0 : m0 + r], pt, out=tile[: r * p].reshape(r, p))
+                    _epilogue(tile, p, 0, 0, self.out_flat, ld, m0, r, n0, p, self.bias,
+                              self.res, self.code, self.mode)
+                else:
+                    np.matmul(x[m0 : m0 + r], pt, out=self.out[m0 : m0 + r, n0 : n0 + p])
+                    if self.need_epi:
+                        _epilogue(self.out_flat, ld, m0, n0, self.out_flat, ld, m0, r, n0, p,
+                                  self.bias, self.res, self.code, self.mode)
+
+
+def _split(m: int, n: int, parts: int) -> list[tuple[int, int, int, int]]:
+    """Output rectangles (r_lo, r_hi, c_lo, c_hi), one per worker.
+
+    Rows are split when x is at least as tall as W is wide and every worker still gets >= 512
+    rows (measured: SD's 8192x320 products run at 0.99 of sgemm split by rows but 0.8 split by
+    columns, whose sgemm calls are then too narrow; each worker then decodes all of W, which costs
+    < 1% at that M).  Otherwise columns are split (T5/FLUX-up shapes: each panel decoded once).
+    Column boundaries are multiples of ``_COL_ALIGN``.
+    """
+    if parts <= 1:
+        return [(0, m, 0, n)]
+    if m >= n and m // parts >= 512:
+        rb = [m * i // parts for i in range(parts + 1)]
+        return [(rb[i], rb[i + 1], 0, n) for i in range(parts) if rb[i + 1] > rb[i]]
+    cb = [0]
+    for i in range(1, parts):
+        cb.append(max(cb[-1], (n * i // parts) // _COL_ALIGN * _COL_ALIGN))
+    cb.append(n)
+    return [(0, m, cb[i], cb[i + 1]) for i in range(parts) if cb[i + 1] > cb[i]]
 
 
 def linear(
@@ -140,121 +344,134 @@ def linear(
     scratch: np.ndarray | None = None,
     residual: np.ndarray | None = None,
     activation: str | None = None,
+    combine: str = "add",
+    workers: int | None = None,
 ) -> np.ndarray:
-    """``out = act(x @ W.T + bias) + residual`` without ever materialising W in f32.
+    """``out = act(x @ W.T + bias) + residual`` (or ``* residual``) without an f32 copy of W.
 
     Args:
         x: float32 [M, K], C-contiguous.
         w: [N, K] in its storage dtype (``weights.dtypes``), C-contiguous, may be read-only/mmap.
         w_dtype: "F32", "F16", "BF16", "F8_E4M3" or "F8_E5M2".
-        bias: optional [N] vector in ``bias_dtype`` (default: inferred; F32 if float32).
+        bias: optional [N] vector in ``bias_dtype`` (default: float32 as is, float16 -> "F16").
         out: optional float32 [M, N] destination (C-contiguous).  May be ``residual`` itself
-            (in-place residual add; a bounded tile buffer is then used), must not overlap ``x``.
-        row_chunk: max rows of x per GEMM call (default: all M, or a ~2 MB tile when ``out`` is
-            ``residual``).
-        panel_rows: rows of W decoded per panel (default ``default_panel_rows(K, N)``; for F32
-            weights the default is all N since nothing is decoded).
-        scratch: optional float32 buffer with at least ``panel_rows * K`` elements (see
-            ``linear_scratch_bytes``); reused for every panel, so the call allocates nothing
-            W-sized.  Ignored for F32 weights.
-        residual: optional float32 [M, N] added after the activation.
+            (in-place residual add: small per-worker tiles are then used); must not overlap x.
+        row_chunk: max rows of x per sgemm call (default: all rows of a worker; with ``out is
+            residual`` a ~1 MB tile).
+        panel_rows: rows of W decoded per panel (default ``default_panel_rows(K, N)``).  F32
+            weights are not decoded: each worker multiplies its whole column range at once.
+        scratch: optional float32 buffer for the decoded panels: ``panel_rows * K`` elements per
+            worker (``linear_scratch_bytes``); with less room fewer workers are used.  Without
+            it each call allocates its panels (never a full-size W).
+        residual: optional float32 [M, N] combined after the activation.
         activation: None, "silu", "gelu", "gelu_tanh" or "quick_gelu", applied after the bias.
+        combine: "add" (residual connection) or "mul" (gating: ``act(x W^T + b) * residual``).
+        workers: cap on the number of threads (default ``linear_workers()``; 1 = the calling
+            thread with multi-threaded BLAS).
 
     Returns:
         ``out`` (or a new [M, N] array).
+
+    Threads: with more than one worker, OpenBLAS is set to one thread for the call and its idle
+    worker threads are shut down first (they would otherwise spin for tens of ms on a core one of
+    our workers needs; OpenBLAS re-creates them on its next multi-threaded call, ~50 us).  Do not
+    run other BLAS work from other threads at the same time.
     """
     _check_w(w, w_dtype)
     n, k = w.shape
     _check_x(x, k)
     m = x.shape[0]
-    out = _f32_out(out, (m, n))
+    out = _f32_2d(out, (m, n), "out")
     if np.shares_memory(out, x):
         raise ValueError("out must not overlap x")
     code = activation_code(activation)
+    mode = _COMBINE.get(combine)
+    if mode is None:
+        raise ValueError(f"combine must be 'add' or 'mul', got {combine!r}")
     bias_f = as_f32(bias, bias_dtype)
     if bias_f is not None and bias_f.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {bias_f.shape}")
     if residual is not None:
-        residual = _f32_out(residual, (m, n), "residual")
+        residual = _f32_2d(residual, (m, n), "residual")
     if m == 0 or n == 0:
         return out
     if k == 0:
         out.fill(0.0)
-        if bias_f is not None or code or residual is not None:
-            _run_epilogue(out, out, 0, 0, m, n, bias_f, residual, code)
+        job = _Job(x, w, w_dtype, out, bias_f, residual, code, mode, n, m, False)
+        if job.need_epi:
+            _epilogue(job.out_flat, n, 0, 0, job.out_flat, n, 0, m, 0, n, job.bias, job.res,
+                      code, mode)
         return out
-
     is_f32 = w_dtype == "F32"
-    if panel_rows is None:
-        panel_rows = n if is_f32 else default_panel_rows(k, n)
-    panel_rows = max(1, min(int(panel_rows), n))
-    in_place_res = residual is not None and np.shares_memory(out, residual)
-    if row_chunk is None:
-        row_chunk = m
-        if in_place_res:
-            row_chunk = max(1, _TILE_TARGET_BYTES // (4 * panel_rows))
-    row_chunk = max(1, min(int(row_chunk), m))
 
+    # how many workers: worth it when the product or the decode is big enough
+    nw = linear_workers() if workers is None else max(1, int(workers))
+    if 2.0 * m * n * k < _PARALLEL_MIN_FLOP and (is_f32 or n * k < _PARALLEL_MIN_DECODE):
+        nw = 1
+    if panel_rows is None:
+        panel_rows = default_panel_rows(k, n)
+    panel_rows = max(1, min(int(panel_rows), n))
     if not is_f32:
         if scratch is None:
-            scratch = np.empty(panel_rows * k, dtype=np.float32)
+            scratch = np.empty(nw * panel_rows * k, dtype=np.float32)
         elif scratch.dtype != np.float32 or scratch.size < panel_rows * k:
             raise ValueError(f"scratch must be float32 with >= {panel_rows * k} elements")
         scratch = scratch.reshape(-1)
-    tile = np.empty((row_chunk, panel_rows), dtype=np.float32) if in_place_res else None
-    need_epi = bias_f is not None or code != 0 or residual is not None
+        nw = min(nw, scratch.size // (panel_rows * k))
+    rects = _split(m, n, nw)
+    nw = len(rects)
+    if is_f32:
+        # nothing to decode: one "panel" per worker = its whole column range
+        panel_rows = max(c1 - c0 for _, _, c0, c1 in rects)
 
-    for n0 in range(0, n, panel_rows):
-        p = min(panel_rows, n - n0)
-        if is_f32:
-            panel = w[n0 : n0 + p].view(np.float32)
-        else:
-            panel = scratch[: p * k].reshape(p, k)
-            decode_to_f32(w[n0 : n0 + p], w_dtype, panel, parallel=_DECODE_PARALLEL)
-        pt = panel.T
-        for m0 in range(0, m, row_chunk):
-            r = min(row_chunk, m - m0)
-            xs = x[m0 : m0 + r]
-            if tile is not None:
-                dst = tile[:r, :p]  # rows of a [row_chunk, panel_rows] buffer; ldc = panel_rows
-                np.matmul(xs, pt, out=dst)
-                _run_epilogue(tile, out, m0, n0, r, p, bias_f, residual, code, src_ld=panel_rows)
-            else:
-                np.matmul(xs, pt, out=out[m0 : m0 + r, n0 : n0 + p])
-                if need_epi:
-                    _run_epilogue(out, out, m0, n0, r, p, bias_f, residual, code)
+    in_place = residual is not None and np.shares_memory(out, residual)
+    if row_chunk is None:
+        row_chunk = m
+        if in_place:
+            row_chunk = max(1, _TILE_TARGET_BYTES // (4 * panel_rows))
+    row_chunk = max(1, min(int(row_chunk), m))
+    job = _Job(x, w, w_dtype, out, bias_f, residual, code, mode, panel_rows, row_chunk, in_place)
+
+    def sl(i: int) -> np.ndarray | None:
+        return None if is_f32 else scratch[i * panel_rows * k : (i + 1) * panel_rows * k]
+
+    if nw == 1:
+        job.run(0, m, 0, n, sl(0))
+        return out
+    blas = _blas_threads()
+    with _lock:
+        prev = blas.get()
+        blas.set(1)
+        if prev > 1 and blas.shutdown is not None:
+            blas.shutdown()
+        try:
+            pool = _get_pool(nw - 1)
+            futs = [pool.submit(job.run, *rc, sl(i + 1)) for i, rc in enumerate(rects[1:])]
+            try:
+                job.run(*rects[0], sl(0))
+            finally:
+                for f in futs:
+                    f.result()
+        finally:
+            blas.set(prev)
     return out
 
 
-def _run_epilogue(
-    src: np.ndarray,
-    dst: np.ndarray,
-    r0: int,
-    c0: int,
-    nr: int,
-    nc: int,
-    bias: np.ndarray | None,
-    residual: np.ndarray | None,
-    code: int,
-    src_ld: int | None = None,
-) -> None:
-    """Apply bias/activation/residual to dst[r0:r0+nr, c0:c0+nc] reading the GEMM result in src.
-
-    ``src is dst``: in place at the same coordinates; otherwise ``src`` is a tile whose row i,
-    column j hold the result for dst[r0+i, c0+j] (row stride ``src_ld``).
-    """
-    ld = dst.shape[1]
-    b = _EMPTY if bias is None else readonly_flat(bias)
-    q = _EMPTY if residual is None else readonly_flat(residual)
-    if src is dst:
-        _epilogue(dst.reshape(-1), ld, r0, c0, dst.reshape(-1), ld, r0, nr, c0, nc, b, q, code)
-    else:
-        _epilogue(src.reshape(-1), src_ld, 0, 0, dst.reshape(-1), ld, r0, nr, c0, nc, b, q, code)
+# --- gated feed-forward inputs --------------------------------------------------------------------
 
 
-def geglu_scratch_bytes(inner: int, row_chunk: int) -> int:
-    """Bytes of the [row_chunk, 2*inner] f32 intermediate ``geglu`` allocates (or reuses)."""
-    return 4 * row_chunk * 2 * inner
+def _hidden(hidden: np.ndarray | None, rows: int, inner: int) -> np.ndarray:
+    if hidden is None:
+        return np.empty(rows * inner, dtype=np.float32)
+    if hidden.dtype != np.float32 or hidden.size < rows * inner:
+        raise ValueError(f"hidden must be float32 with >= {rows * inner} elements")
+    return hidden.reshape(-1)
+
+
+def _default_rows(m: int, inner: int, row_chunk: int | None) -> int:
+    if row_chunk is None:
+        row_chunk = max(1, _HIDDEN_TARGET_BYTES // (4 * inner))
+    return max(1, min(int(row_chunk), max(m, 1)))
 
 
 def geglu(
@@ -269,13 +486,14 @@ def geglu(
     panel_rows: int | None = None,
     scratch: np.ndarray | None = None,
     hidden: np.ndarray | None = None,
+    activation: str = "gelu",
 ) -> np.ndarray:
-    """diffusers GEGLU: ``h = x @ W.T + b`` ([M, 2I]); ``a, gate = h.chunk(2)``; ``a * gelu(gate)``.
+    """diffusers GEGLU: ``h = x @ W.T + b`` [M, 2I]; ``a, gate = h.chunk(2, -1)``; ``a * gelu(gate)``.
 
-    Rows of x are processed ``row_chunk`` at a time so the [rows, 2I] intermediate stays bounded
-    (``geglu_scratch_bytes``; pass ``hidden`` to reuse one).  Default row_chunk: ~32 MB
-    of intermediate.  Note each row chunk decodes all of W once: pick row_chunk as large as the
-    budget allows (W decode is ~0.2 ns/element vs 2*rows flops of GEMM per element).
+    Computed as two half-products so the [M, 2I] intermediate never exists: first
+    ``g = gelu(x @ W[I:].T + b[I:])`` into ``hidden`` ([row_chunk, I], reusable; see
+    ``hidden_scratch_bytes``), then ``out = (x @ W[:I].T + b[:I]) * g`` with the multiply fused
+    into the epilogue.  Rows go ``row_chunk`` at a time (default: ~32 MB of ``hidden``).
     """
     _check_w(w, w_dtype)
     n2, k = w.shape
@@ -284,24 +502,22 @@ def geglu(
         raise ValueError(f"GEGLU projection must have an even number of rows, got {n2}")
     inner = n2 // 2
     m = x.shape[0]
-    out = _f32_out(out, (m, inner))
-    if row_chunk is None:
-        row_chunk = max(1, _HIDDEN_TARGET_BYTES // (4 * n2))
-    row_chunk = max(1, min(int(row_chunk), max(m, 1)))
-    if hidden is None:
-        hidden = np.empty(row_chunk * n2, dtype=np.float32)
-    elif hidden.dtype != np.float32 or hidden.size < row_chunk * n2:
-        raise ValueError(f"hidden must be float32 with >= {row_chunk * n2} elements")
-    if panel_rows is None:
-        panel_rows = default_panel_rows(k, n2)
-    if scratch is None and w_dtype != "F32":
-        scratch = np.empty(min(panel_rows, n2) * k, dtype=np.float32)
-    for m0 in range(0, m, row_chunk):
-        r = min(row_chunk, m - m0)
-        h = hidden.reshape(-1)[: r * n2].reshape(r, n2)
-        linear(x[m0 : m0 + r], w, w_dtype, bias, bias_dtype, h, panel_rows=panel_rows,
-               scratch=scratch)
-        geglu_combine(h, out[m0 : m0 + r])
+    out = _f32_2d(out, (m, inner), "out")
+    b = as_f32(bias, bias_dtype)
+    if b is not None and b.shape != (n2,):
+        raise ValueError(f"bias must have shape ({n2},), got {b.shape}")
+    b_a, b_g = (None, None) if b is None else (b[:inner], b[inner:])
+    rows = _default_rows(m, inner, row_chunk)
+    hid = _hidden(hidden, rows, inner)
+    w_a, w_g = w[:inner], w[inner:]
+    for m0 in range(0, m, rows):
+        r = min(rows, m - m0)
+        g = hid[: r * inner].reshape(r, inner)
+        xs = x[m0 : m0 + r]
+        linear(xs, w_g, w_dtype, b_g, out=g, panel_rows=panel_rows, scratch=scratch,
+               activation=activation)
+        linear(xs, w_a, w_dtype, b_a, out=out[m0 : m0 + r], panel_rows=panel_rows,
+               scratch=scratch, residual=g, combine="mul")
     return out
 
 
@@ -321,9 +537,9 @@ def gated_gelu(
 ) -> np.ndarray:
     """T5 v1.1 gated-GELU input half: ``act(x @ wi_0.T) * (x @ wi_1.T)`` -> [M, I].
 
-    ``act`` defaults to "gelu_tanh" (T5's "gelu_new").  The activation is fused into the wi_0
-    GEMM epilogue; wi_1's product goes to a [row_chunk, I] buffer (``hidden``, reusable) and is
-    multiplied in.  Rows are chunked (default ~32 MB buffer) so memory stays bounded.
+    ``act`` defaults to "gelu_tanh" (T5's "gelu_new").  ``act(x @ wi_0.T)`` goes to ``hidden``
+    ([row_chunk, I], reusable), then ``x @ wi_1.T`` is multiplied by it in the epilogue.
+    Rows go ``row_chunk`` at a time (default: ~32 MB of ``hidden``: all 512 T5 tokens).
     """
     _check_w(w0, w_dtype)
     w1_dtype = w1_dtype or w_dtype
@@ -333,25 +549,15 @@ def gated_gelu(
         raise ValueError(f"wi_0 {w0.shape} and wi_1 {w1.shape} differ")
     _check_x(x, k)
     m = x.shape[0]
-    out = _f32_out(out, (m, inner))
-    if row_chunk is None:
-        row_chunk = max(1, _HIDDEN_TARGET_BYTES // (4 * inner))
-    row_chunk = max(1, min(int(row_chunk), max(m, 1)))
-    if hidden is None:
-        hidden = np.empty(row_chunk * inner, dtype=np.float32)
-    elif hidden.dtype != np.float32 or hidden.size < row_chunk * inner:
-        raise ValueError(f"hidden must be float32 with >= {row_chunk * inner} elements")
-    if panel_rows is None:
-        panel_rows = default_panel_rows(k, inner)
-    if scratch is None and not (w_dtype == "F32" and w1_dtype == "F32"):
-        scratch = np.empty(min(panel_rows, inner) * k, dtype=np.float32)
-    for m0 in range(0, m, row_chunk):
-        r = min(row_chunk, m - m0)
-        o = out[m0 : m0 + r]
-        h = hidden.reshape(-1)[: r * inner].reshape(r, inner)
+    out = _f32_2d(out, (m, inner), "out")
+    rows = _default_rows(m, inner, row_chunk)
+    hid = _hidden(hidden, rows, inner)
+    for m0 in range(0, m, rows):
+        r = min(rows, m - m0)
+        g = hid[: r * inner].reshape(r, inner)
         xs = x[m0 : m0 + r]
-        linear(xs, w0, w_dtype, out=o, panel_rows=panel_rows, scratch=scratch,
+        linear(xs, w0, w_dtype, out=g, panel_rows=panel_rows, scratch=scratch,
                activation=activation)
-        linear(xs, w1, w1_dtype, out=h, panel_rows=panel_rows, scratch=scratch)
-        mul_(o, h)
+        linear(xs, w1, w1_dtype, out=out[m0 : m0 + r], panel_rows=panel_rows, scratch=scratch,
+               residual=g, combine="mul")
     return out

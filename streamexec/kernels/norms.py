@@ -10,7 +10,8 @@ All inputs are **C-contiguous float32** (read-only is fine); statistics accumula
 * RMSNorm: ``x * rsqrt(mean(x^2) + eps) * weight`` like torch.nn.RMSNorm / T5LayerNorm, with the
   mean of squares in f64 (torch uses f32: results agree to ~1 ulp).
 
-Reductions use ``fastmath={"reassoc"}`` only (so they vectorise); element-wise math is strict.
+Reductions use ``fastmath={"reassoc"}`` only (so they vectorise); the GroupNorm apply pass uses
+``{"contract"}`` (FMA fusion: ``(x - mean) * scale + shift`` and the fused SiLU); the rest is strict.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _gn_accumulate(x, n, c, h, w, h0, h1, groups, acc):
         acc[item, 1] += q
 
 
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True, fastmath={"contract"})
 def _gn_apply(x, out, n, c, plane, groups, mean, rstd, gamma, beta, silu):
     """out plane (ni, ci) = (x - mean[ni,g]) * rstd[ni,g]*gamma[ci] + beta[ci] (+ SiLU)."""
     cpg = c // groups
