@@ -48,12 +48,8 @@ def build_clip_text(config: dict, weight_info: WeightInfo, *, batch: int, seq_le
         p = f"text_model.encoder.layers.{i}"
         with g.unit(f"{p}.self_attn"):
             n = g.layer_norm(h, f"{p}.layer_norm1", eps)
-            q = g.linear(n, f"{p}.self_attn.q_proj")
-            k = g.linear(n, f"{p}.self_attn.k_proj")
-            v = g.linear(n, f"{p}.self_attn.v_proj")
-            a = g.op("attention", [q, k, v], g.shape(q), name=f"{p}.self_attn",
-                     attrs={"heads": heads, "scale": scale, "causal": True})
-            h = g.linear(a, f"{p}.self_attn.out_proj", residual=h)
+            h = g.attention_block(n, n, f"{p}.self_attn", heads=heads, scale=scale, causal=True, residual=h,
+                                  names=("q_proj", "k_proj", "v_proj", "out_proj"))
         with g.unit(f"{p}.mlp"):
             n = g.layer_norm(h, f"{p}.layer_norm2", eps)
             n = g.linear(n, f"{p}.mlp.fc1", activation=act)

@@ -229,6 +229,20 @@ class GraphBuilder:
             attrs={"eps": eps, "modulated": shift is not None},
         )
 
+    def attention_block(
+        self, x: str, kv: str, prefix: str, *, heads: int, scale: float, causal: bool = False,
+        residual: str | None = None, names: tuple[str, str, str, str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    ) -> str:
+        """q from ``x``, k/v from ``kv`` (``kv is x`` for self-attention), attention, output
+        projection (+ residual) — the block shared by UNet, CLIP and VAE attention."""
+        q_name, k_name, v_name, out_name = names
+        q = self.linear(x, f"{prefix}.{q_name}")
+        k = self.linear(kv, f"{prefix}.{k_name}")
+        v = self.linear(kv, f"{prefix}.{v_name}")
+        a = self.op("attention", [q, k, v], self.shape(q), name=prefix,
+                    attrs={"heads": heads, "scale": scale, "causal": causal})
+        return self.linear(a, f"{prefix}.{out_name}", residual=residual)
+
     def add(self, a: str, b: str, *, name: str, broadcast: str | None = None) -> str:
         return self.op("add", [a, b], self.shape(a), name=name, attrs={"broadcast": broadcast} if broadcast else {})
 

@@ -114,20 +114,10 @@ def build_unet(config: dict, weight_info: WeightInfo, *, batch: int, height: int
             bp = f"{prefix}.transformer_blocks.{li}"
             with g.unit(f"{bp}.attn1"):
                 n = g.layer_norm(tok, f"{bp}.norm1", 1e-5)
-                q = g.linear(n, f"{bp}.attn1.to_q")
-                k = g.linear(n, f"{bp}.attn1.to_k")
-                v = g.linear(n, f"{bp}.attn1.to_v")
-                a = g.op("attention", [q, k, v], g.shape(q), name=f"{bp}.attn1",
-                         attrs={"heads": nheads, "scale": scale, "causal": False})
-                tok = g.linear(a, f"{bp}.attn1.to_out.0", residual=tok)
+                tok = g.attention_block(n, n, f"{bp}.attn1", heads=nheads, scale=scale, residual=tok)
             with g.unit(f"{bp}.attn2"):
                 n = g.layer_norm(tok, f"{bp}.norm2", 1e-5)
-                q = g.linear(n, f"{bp}.attn2.to_q")
-                k = g.linear(ctx, f"{bp}.attn2.to_k")
-                v = g.linear(ctx, f"{bp}.attn2.to_v")
-                a = g.op("attention", [q, k, v], g.shape(q), name=f"{bp}.attn2",
-                         attrs={"heads": nheads, "scale": scale, "causal": False})
-                tok = g.linear(a, f"{bp}.attn2.to_out.0", residual=tok)
+                tok = g.attention_block(n, ctx, f"{bp}.attn2", heads=nheads, scale=scale, residual=tok)
             with g.unit(f"{bp}.ff"):
                 n = g.layer_norm(tok, f"{bp}.norm3", 1e-5)
                 proj = f"{bp}.ff.net.0.proj"

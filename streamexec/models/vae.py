@@ -41,12 +41,7 @@ class _VaeParts:
         with g.unit(prefix):
             n = g.group_norm(h, f"{prefix}.group_norm", self.groups, EPS)
             tok = g.op("to_tokens", [n], (b, hh * ww, c), name=f"{prefix}.to_tokens")
-            q = g.linear(tok, f"{prefix}.to_q")
-            k = g.linear(tok, f"{prefix}.to_k")
-            v = g.linear(tok, f"{prefix}.to_v")
-            a = g.op("attention", [q, k, v], g.shape(q), name=f"{prefix}.attention",
-                     attrs={"heads": 1, "scale": c ** -0.5, "causal": False})
-            o = g.linear(a, f"{prefix}.to_out.0")
+            o = g.attention_block(tok, tok, prefix, heads=1, scale=c ** -0.5)
             img = g.op("to_image", [o], (b, c, hh, ww), name=f"{prefix}.to_image", attrs={"height": hh, "width": ww})
             return g.add(img, h, name=f"{prefix}.residual")
 
