@@ -30,7 +30,7 @@ to_image             [B, H*W, C] → [B, C, H, W]; attrs height, width
 timestep_embedding   t[B] → [B, dim]; attrs dim, flip_sin_to_cos, shift, scale
 embedding            ids[B, N] (int) → weight rows [B, N, D]
 add_position         x[B, N, D] + weight[:N] (learned positions, CLIP)
-gather_rows          x[B, N, D], index[B] → [B, D] (CLIP pooled output at EOS)
+pool_eos             x[B, N, D], ids[B, N] → [B, D]: the row at the EOS token (CLIP pooled output)
 scale                x * attrs.factor
 ===================  ===========================================================================
 """
