@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os as _os
+
+# Before numba loads libgomp: OpenMP workers that spin for long after a parallel kernel steal the
+# cores the next sgemm needs (see kernels/decode.py). A user's own setting wins.
+_os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 __version__ = "0.1.0"
 
 __all__ = ["load", "__version__"]

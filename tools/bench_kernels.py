@@ -97,7 +97,7 @@ def bench_linear(rows: list, quick: bool) -> None:
 
 
 def bench_attention(rows: list, quick: bool) -> None:
-    from streamexec.kernels.attention import attention, attention_scratch_bytes, default_tiles
+    from streamexec.kernels.attention import attention, attention_scratch_bytes, default_tiles, kernel_workers
 
     rng = np.random.default_rng(1)
     for label, nq, nk, h, d in ATTN_SHAPES[: QUICK["attn"] if quick else None]:
@@ -117,7 +117,7 @@ def bench_attention(rows: list, quick: bool) -> None:
 
         t_blas = best_time(blas) * h
         t = best_time(lambda q=q, k=k, v=v, out=out, d=d: attention(q, k, v, d ** -0.5, out=out))
-        tq, tk = default_tiles(nq, nk, d)
+        tq, tk = default_tiles(nq, nk, d, h, kernel_workers())
         rows.append({
             "kernel": "attention", "shape": f"{label}: Nq{nq} Nk{nk} H{h} D{d}",
             "gflops": flops / t / 1e9, "baseline_gflops": flops / t_blas / 1e9, "ratio": t_blas / t,
@@ -140,19 +140,11 @@ def bench_conv(rows: list, quick: bool) -> None:
         o = np.empty((co, h * w), np.float32)
         t_blas = best_time(lambda cols=cols, wm=wm, o=o: np.matmul(wm, cols, out=o)) * nb
         t = best_time(lambda x=x, wb=wb: convk.conv2d(x, wb, "BF16", pad=(1, 1, 1, 1)))
-        scratch = getattr(convk, "conv2d_scratch_bytes", None)
         rows.append({
             "kernel": "conv3x3 BF16", "shape": f"{label}", "gflops": flops / t / 1e9,
             "baseline_gflops": flops / t_blas / 1e9, "ratio": t_blas / t, "goal": 0.7,
-            "scratch_bytes": None if scratch is None else _call_scratch(scratch, ci, co, h, w),
+            "scratch_bytes": convk.conv2d_scratch_bytes(x.shape, wb.shape, "BF16", pad=(1, 1, 1, 1)),
         })
-
-
-def _call_scratch(fn, ci, co, h, w):
-    try:
-        return int(fn(ci, co, h, w))
-    except TypeError:
-        return None
 
 
 def bench_norms(rows: list, quick: bool) -> None:
