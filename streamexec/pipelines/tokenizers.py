@@ -1,0 +1,353 @@
+"""CLIP (BPE) and T5 (Unigram) prompt tokenizers built on the ``tokenizers`` library.
+
+They read the tokenizer files of the user's model folder (never the network, never transformers) and
+produce the fixed-length int64 id batches the text encoders take: CLIP padded to 77 with BOS/EOS (as
+diffusers' Stable Diffusion and FLUX pipelines call transformers' ``CLIPTokenizer``), T5 with EOS padded
+to ``max_sequence_length`` (as ``FluxPipeline`` calls ``T5TokenizerFast``). Over-long prompts are cut the
+same way transformers cuts them; the cut is reported in :class:`Tokenized` and by a
+:class:`PromptTruncatedWarning`.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from streamexec.errors import StreamexecError
+
+__all__ = ["CLIPTokenizer", "PromptTruncatedWarning", "T5Tokenizer", "Tokenized"]
+
+# The pre-tokenizer pattern of CLIP (openai/CLIP simple_tokenizer.py, transformers' CLIPTokenizer).
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the text encoder's context and its tail was dropped."""
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """A padded batch of token ids and what truncation did to it."""
+
+    ids: np.ndarray  # (B, max_length) int64
+    lengths: np.ndarray  # (B,) int64: ids before padding, special tokens included
+    dropped: tuple[int, ...]  # per prompt: how many tokens truncation removed
+    dropped_text: tuple[str, ...]  # per prompt: the removed tail, decoded ("" when nothing was cut)
+
+
+def _as_list(prompts: str | Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    out = list(prompts)
+    for p in out:
+        if not isinstance(p, str):
+            raise StreamexecError(f"a prompt must be a string, got {type(p).__name__}")
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StreamexecError(f"{path}: not a readable JSON file ({err})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _special(config: dict[str, Any], name: str, default: str) -> tuple[str, bool]:
+    """(content, normalized) of special token ``name`` as tokenizer_config/special_tokens_map give it."""
+    value = config.get(name)
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"], bool(value.get("normalized", True))
+    if isinstance(value, str):
+        return value, True
+    return default, True
+
+
+def _token_config(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json overlaid by special_tokens_map.json (transformers' precedence)."""
+    config = _read_json(folder / "tokenizer_config.json")
+    config.update(_read_json(folder / "special_tokens_map.json"))
+    return config
+
+
+def _load_tokenizer_json(path: Path) -> Tokenizer:
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises a bare Exception
+        raise StreamexecError(f"{path}: not a tokenizers tokenizer.json ({err})") from None
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def _token_id(tok: Tokenizer, token: str, folder: Path, role: str) -> int:
+    tid = tok.token_to_id(token)
+    if tid is None:
+        raise StreamexecError(f"{folder}: the {role} token {token!r} is not in the tokenizer's vocabulary")
+    return int(tid)
+
+
+class _FixedLengthTokenizer:
+    """Shared encode/pad/truncate logic; subclasses say which special tokens wrap the text."""
+
+    def __init__(self, tok: Tokenizer, folder: Path, prefix: list[int], suffix: list[int], pad_id: int) -> None:
+        self._tok = tok
+        self.folder = folder
+        self._prefix = prefix
+        self._suffix = suffix
+        self.pad_id = pad_id
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The underlying ``tokenizers.Tokenizer`` (no padding/truncation configured)."""
+        return self._tok
+
+    def _prepare(self, text: str) -> str:
+        return text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def _tokenize(self, prompts: str | Sequence[str], max_length: int) -> Tokenized:
+        texts = _as_list(prompts)
+        n_special = len(self._prefix) + len(self._suffix)
+        if max_length < n_special + 1:
+            raise StreamexecError(f"max_length {max_length} leaves no room for the prompt")
+        room = max_length - n_special
+        encodings = self._tok.encode_batch([self._prepare(t) for t in texts], add_special_tokens=False)
+        ids = np.full((len(texts), max_length), self.pad_id, dtype=np.int64)
+        lengths = np.empty(len(texts), dtype=np.int64)
+        dropped: list[int] = []
+        dropped_text: list[str] = []
+        for row, enc in enumerate(encodings):
+            body = list(enc.ids)
+            kept = self._prefix + body[:room] + self._suffix
+            ids[row, : len(kept)] = kept
+            lengths[row] = len(kept)
+            cut = body[room:]
+            dropped.append(len(cut))
+            dropped_text.append(self._decode(cut) if cut else "")
+        return Tokenized(ids=ids, lengths=lengths, dropped=tuple(dropped), dropped_text=tuple(dropped_text))
+
+    def _warn(self, out: Tokenized, max_length: int, what: str) -> None:
+        for n, text in zip(out.dropped, out.dropped_text):
+            if n:
+                warnings.warn(
+                    f"prompt truncated: {what} takes {max_length} tokens, {n} dropped: {text!r}",
+                    PromptTruncatedWarning,
+                    stacklevel=3,
+                )
+
+
+class CLIPTokenizer(_FixedLengthTokenizer):
+    """CLIP byte-level BPE tokenizer; ids equal transformers' ``CLIPTokenizer``/``CLIPTokenizerFast``.
+
+    ``compat="fast"`` (default) is the ``tokenizers`` pipeline transformers' fast CLIP tokenizer uses
+    (NFC, whitespace runs → one space, lower-case) — transformers 5's only ``CLIPTokenizer``, and what
+    diffusers' pipelines get with it. ``compat="slow"`` adds the clean-up transformers 4's pure-Python
+    ``CLIPTokenizer`` did when ftfy is not installed (BERT ``BasicTokenizer``: control characters
+    dropped, every CJK ideograph a word of its own); the two only differ on such text.
+    """
+
+    def __init__(
+        self,
+        tok: Tokenizer,
+        folder: Path,
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        model_max_length: int = 77,
+        compat: Literal["fast", "slow"] = "fast",
+    ) -> None:
+        super().__init__(tok, folder, [bos_id], [eos_id], pad_id)
+        if compat not in ("fast", "slow"):
+            raise StreamexecError(f"unknown CLIP tokenizer compat {compat!r} (fast or slow)")
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.model_max_length = model_max_length
+        self.compat = compat
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, compat: Literal["fast", "slow"] = "fast") -> CLIPTokenizer:
+        """Load from a diffusers ``tokenizer/`` folder (vocab.json + merges.txt, or tokenizer.json).
+
+        ``path`` may also be a pipeline folder holding ``tokenizer/``. Special tokens, the pad token
+        and ``model_max_length`` come from tokenizer_config.json / special_tokens_map.json when present
+        (SD 1.5 pads with ``<|endoftext|>``; some CLIP tokenizers pad with ``!``).
+        """
+        root = Path(path)
+        folder = next(
+            (
+                d
+                for d in (root, root / "tokenizer")
+                if (d / "vocab.json").is_file() and (d / "merges.txt").is_file() or (d / "tokenizer.json").is_file()
+            ),
+            None,
+        )
+        if folder is None:
+            raise StreamexecError(
+                f"no tokenizer in {root}: pass --tokenizer DIR pointing at a folder with vocab.json+merges.txt "
+                "or tokenizer.json"
+            )
+        config = _token_config(folder)
+        bos, bos_norm = _special(config, "bos_token", "<|startoftext|>")
+        eos, eos_norm = _special(config, "eos_token", "<|endoftext|>")
+        unk, _ = _special(config, "unk_token", "<|endoftext|>")
+        pad, _ = _special(config, "pad_token", eos)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tok = _build_clip(folder, unk)
+            tok.add_special_tokens(
+                [AddedToken(bos, special=True, normalized=bos_norm), AddedToken(eos, special=True, normalized=eos_norm)]
+            )
+        else:
+            tok = _load_tokenizer_json(folder / "tokenizer.json")
+        max_len = config.get("model_max_length", 77)
+        if not isinstance(max_len, int) or not 3 <= max_len <= 4096:
+            max_len = 77  # transformers writes a huge sentinel when the model does not say
+        return cls(
+            tok,
+            folder,
+            bos_id=_token_id(tok, bos, folder, "BOS"),
+            eos_id=_token_id(tok, eos, folder, "EOS"),
+            pad_id=_token_id(tok, pad, folder, "pad"),
+            model_max_length=max_len,
+            compat=compat,
+        )
+
+    def _prepare(self, text: str) -> str:
+        return _basic_clean(text) if self.compat == "slow" else text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True).replace("</w>", " ").strip()
+
+    def tokenize(self, prompts: str | Sequence[str], max_length: int | None = None) -> Tokenized:
+        """BOS + ids + EOS, cut to ``max_length`` (default ``model_max_length``), padded with the pad id."""
+        return self._tokenize(prompts, max_length or self.model_max_length)
+
+    def encode(self, prompts: str | Sequence[str], max_length: int | None = None) -> np.ndarray:
+        """(B, 77) int64 ids; warns with :class:`PromptTruncatedWarning` for each over-long prompt."""
+        length = max_length or self.model_max_length
+        out = self._tokenize(prompts, length)
+        self._warn(out, length, "CLIP")
+        return out.ids
+
+
+def _build_clip(folder: Path, unk: str) -> Tokenizer:
+    """The CLIP BPE pipeline transformers' fast ``CLIPTokenizer`` builds from vocab.json + merges.txt."""
+    try:
+        vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        model = BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+            unk_token=unk,
+        )
+    except Exception as err:  # the Rust side raises a bare Exception
+        raise StreamexecError(f"{folder}: vocab.json/merges.txt are not a BPE tokenizer ({err})") from None
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _is_cjk(cp: int) -> bool:
+    # The CJK ideograph blocks of BERT's BasicTokenizer (not Hangul, Hiragana or Katakana).
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
+
+
+def _basic_clean(text: str) -> str:
+    """What transformers 4's slow ``CLIPTokenizer`` does to a text without ftfy (``BasicTokenizer``)."""
+    out = []
+    for ch in text:
+        cp = ord(ch)
+        if cp == 0 or cp == 0xFFFD:
+            continue
+        if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
+            out.append(" ")
+        elif unicodedata.category(ch).startswith("C"):
+            continue
+        elif _is_cjk(cp):
+            out.append(f" {ch} ")
+        else:
+            out.append(ch)
+    words = unicodedata.normalize("NFC", "".join(out)).split()
+    return " ".join(w.lower() for w in words)
+
+
+class T5Tokenizer(_FixedLengthTokenizer):
+    """T5 SentencePiece-Unigram tokenizer from ``tokenizer.json``; ids equal transformers' ``T5TokenizerFast``.
+
+    The text is encoded with the file's own pipeline (normalizer, Metaspace pre-tokenizer, Unigram),
+    then ``</s>`` is appended and the row padded with ``<pad>`` — what ``FluxPipeline`` asks of
+    ``tokenizer_2`` with ``padding="max_length", truncation=True``.
+    """
+
+    def __init__(self, tok: Tokenizer, folder: Path, *, eos_id: int, pad_id: int) -> None:
+        super().__init__(tok, folder, [], [eos_id], pad_id)
+        self.eos_id = eos_id
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> T5Tokenizer:
+        """Load from a FLUX ``tokenizer_2/`` folder (tokenizer.json), or a pipeline folder holding one."""
+        root = Path(path)
+        candidates = (root, root / "tokenizer_2")
+        folder = next((d for d in candidates if (d / "tokenizer.json").is_file()), None)
+        if folder is None:
+            spm = next((d / "spiece.model" for d in candidates if (d / "spiece.model").is_file()), None)
+            if spm is not None:
+                raise StreamexecError(
+                    f"{spm}: a sentencepiece model, which streamexec does not read; it needs the tokenizer.json "
+                    "that ships beside it in the diffusers tokenizer_2/ folder (or write one once with transformers: "
+                    "T5TokenizerFast.from_pretrained(DIR).save_pretrained(DIR))"
+                )
+            raise StreamexecError(
+                f"no T5 tokenizer in {root}: pass --tokenizer DIR pointing at a folder with tokenizer.json "
+                "(a FLUX tokenizer_2/ folder)"
+            )
+        config = _token_config(folder)
+        eos, _ = _special(config, "eos_token", "</s>")
+        pad, _ = _special(config, "pad_token", "<pad>")
+        tok = _load_tokenizer_json(folder / "tokenizer.json")
+        return cls(tok, folder, eos_id=_token_id(tok, eos, folder, "EOS"), pad_id=_token_id(tok, pad, folder, "pad"))
+
+    def tokenize(self, prompts: str | Sequence[str], max_length: int = 512) -> Tokenized:
+        """ids + EOS, cut to ``max_length`` (FLUX: 256 schnell, 512 dev), padded with the pad id."""
+        return self._tokenize(prompts, max_length)
+
+    def encode(self, prompts: str | Sequence[str], max_length: int = 512) -> np.ndarray:
+        """(B, max_length) int64 ids; warns with :class:`PromptTruncatedWarning` for each over-long prompt."""
+        out = self._tokenize(prompts, max_length)
+        self._warn(out, max_length, "T5")
+        return out.ids
