@@ -15,7 +15,9 @@ import numpy as np
 
 from .errors import StreamexecError
 from .models.graph import Graph
-from .runtime.executor import Executor, Schedule
+from .planner.fit import Fit
+from .runtime.executor import Executor
+from .runtime.process import measure_baseline
 from .sizes import parse_size
 from .weights.checkpoint import Checkpoint, Component, open_checkpoint
 from .weights.store import WeightStore
@@ -24,14 +26,19 @@ from .weights.store import WeightStore
 class StreamedModel:
     """A component of a checkpoint, run layer by layer. Graphs are built per input shape."""
 
-    def __init__(self, ckpt: Checkpoint, comp: Component, memory_budget: int | None) -> None:
+    def __init__(self, ckpt: Checkpoint, comp: Component, memory_budget: int | None,
+                 baseline: int | None = None, scratch_dir: str | None = None) -> None:
         self.checkpoint = ckpt
         self.component = comp
         self.config = dict(comp.config or {})
         self.memory_budget = memory_budget
+        self.baseline = baseline
+        self.scratch_dir = scratch_dir
         self.store: WeightStore = ckpt.store(comp.name)
-        self._graphs: dict[tuple, tuple[Graph, Schedule]] = {}
+        self._graphs: dict[tuple, tuple[Graph, Fit]] = {}
         self.last_executor: Executor | None = None
+        self.last_fit: Fit | None = None
+        self.trace = False
 
     def weight_info(self, key: str):
         t = self.store.tensors.get(key)
@@ -40,20 +47,35 @@ class StreamedModel:
     def _run(self, key: tuple, build, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if key not in self._graphs:
             graph = build()
-            self._graphs[key] = (graph, self._schedule(graph))
-        graph, schedule = self._graphs[key]
-        ex = Executor(graph, self.store, schedule)
+            self._graphs[key] = (graph, self.fit(graph))
+        graph, fit = self._graphs[key]
+        self.last_fit = fit
+        ex = Executor(graph, self.store, fit.schedule, trace=self.trace, scratch_dir=self.scratch_dir)
         self.last_executor = ex
         return ex.run(feeds)
 
-    def _schedule(self, graph: Graph) -> Schedule:
-        from .planner.fit import fit_schedule
+    def fit(self, graph: Graph) -> Fit:
+        """The schedule for ``graph`` within this model's budget (raises BudgetError if none)."""
+        from .planner.fit import fit_schedule, weight_table
 
-        return fit_schedule(graph, self.store, self.memory_budget)
+        if self.baseline is None:
+            self.baseline = process_baseline({t.dtype for t in self.store.tensors.values()})
+        return fit_schedule(graph, weight_table(self.store), self.memory_budget, self.baseline)
 
     def close(self) -> None:
         self.store.close()
         self.checkpoint.close()
+
+
+_BASELINE: dict[frozenset, int] = {}
+
+
+def process_baseline(dtypes: set[str]) -> int:
+    """This process's RSS once the kernels for these weight dtypes are warm (measured once)."""
+    key = frozenset(dtypes)
+    if key not in _BASELINE:
+        _BASELINE[key] = measure_baseline(key)
+    return _BASELINE[key]
 
 
 class UNet(StreamedModel):
@@ -118,17 +140,104 @@ class VAE(StreamedModel):
         return self._run(("enc", b, h, w), build, {"x": x})[0]
 
 
-MODEL_CLASSES: dict[str, type[StreamedModel]] = {"unet": UNet, "text_encoder": CLIPText, "vae": VAE}
+def _ids_2d(ids: np.ndarray, name: str) -> np.ndarray:
+    """Position ids as [N, 3]; a 3-D [B, N, 3] is taken at batch 0, as diffusers does."""
+    a = np.asarray(ids, np.float32)
+    if a.ndim == 3:
+        a = a[0]
+    if a.ndim != 2:
+        raise StreamexecError(f"{name} must be [N, n_axes] (or [B, N, n_axes]), got shape {list(a.shape)}")
+    return np.ascontiguousarray(a)
+
+
+class FluxTransformer(StreamedModel):
+    """FLUX.1 ``FluxTransformer2DModel`` (schnell: no guidance; dev: ``guidance`` required)."""
+
+    def __call__(self, hidden_states: np.ndarray, encoder_hidden_states: np.ndarray, pooled_projections: np.ndarray,
+                 timestep, img_ids: np.ndarray, txt_ids: np.ndarray, guidance=None) -> np.ndarray:
+        """``FluxTransformer2DModel(...).sample``: [B, img_tokens, p²·out_channels].
+
+        ``timestep`` (and ``guidance``) as the pipeline passes them: t in [0, 1] (the model
+        multiplies by 1000), scalar or [B]; ``img_ids`` / ``txt_ids`` [N, 3].
+        """
+        from .models.flux import build_flux_transformer
+
+        x = np.asarray(hidden_states, np.float32)
+        ctx = np.asarray(encoder_hidden_states, np.float32)
+        pooled = np.asarray(pooled_projections, np.float32)
+        if x.ndim != 3 or ctx.ndim != 3 or pooled.ndim != 2:
+            raise StreamexecError("hidden_states and encoder_hidden_states must be [B, N, C], "
+                                  "pooled_projections [B, D]")
+        b, ni = x.shape[:2]
+        nt = ctx.shape[1]
+        feeds = {
+            "hidden_states": x, "encoder_hidden_states": ctx, "pooled_projections": pooled,
+            "timestep": np.broadcast_to(np.asarray(timestep, np.float32).reshape(-1), (b,)).copy(),
+            "img_ids": _ids_2d(img_ids, "img_ids"), "txt_ids": _ids_2d(txt_ids, "txt_ids"),
+        }
+        if guidance is not None:
+            feeds["guidance"] = np.broadcast_to(np.asarray(guidance, np.float32).reshape(-1), (b,)).copy()
+        build = lambda: build_flux_transformer(self.config, self.weight_info, batch=b, img_tokens=ni,  # noqa: E731
+                                               txt_tokens=nt, where=str(self.checkpoint.root))
+        if self.has_guidance != (guidance is not None):
+            raise StreamexecError(
+                "this FLUX transformer has a guidance embedder (dev): pass guidance (e.g. 3.5)" if guidance is None
+                else "this FLUX transformer has no guidance embedder (schnell): pass guidance=None")
+        return self._run((b, ni, nt), build, feeds)[0]
+
+    @property
+    def has_guidance(self) -> bool:
+        """True for guidance-distilled models (FLUX.1-dev): ``guidance_embeds`` or, in a single
+        file without config, a guidance embedder among the weights."""
+        found = self.weight_info("time_text_embed.guidance_embedder.linear_1.weight") is not None
+        return bool(self.config.get("guidance_embeds", found))
+
+
+class T5Encoder(StreamedModel):
+    """transformers ``T5EncoderModel`` (FLUX's ``text_encoder_2``)."""
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """``last_hidden_state`` [B, N, d_model]. ``attention_mask`` (optional; the FLUX pipeline
+        passes none) must be right padding: ones, then zeros."""
+        from .models.t5 import build_t5_encoder
+
+        ids = np.asarray(input_ids, np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        b, n = ids.shape
+        feeds: dict[str, np.ndarray] = {"input_ids": ids}
+        masked = False
+        if attention_mask is not None:
+            m = np.asarray(attention_mask).reshape(b, n) != 0
+            key_len = m.sum(axis=1)
+            if not np.array_equal(m, np.arange(n)[None, :] < key_len[:, None]) or (key_len == 0).any():
+                raise StreamexecError("attention_mask must be right padding (1…1 0…0) with at least one 1 per row")
+            masked = bool((key_len < n).any())
+            if masked:
+                feeds["key_len"] = key_len.astype(np.int64)
+        build = lambda: build_t5_encoder(self.config, self.weight_info, batch=b, seq_len=n,  # noqa: E731
+                                         masked=masked, where=str(self.checkpoint.root))
+        return self._run((b, n, masked), build, feeds)[0]
+
+
+MODEL_CLASSES: dict[str, type[StreamedModel]] = {
+    "unet": UNet, "text_encoder": CLIPText, "vae": VAE, "transformer": FluxTransformer, "text_encoder_2": T5Encoder,
+}
 
 
 def load(path: str | Path, component: str | None = None, memory_budget: str | int | None = None,
-         variant: str | None = None) -> StreamedModel:
+         variant: str | None = None, *, baseline: int | None = None, scratch_dir: str | None = None) -> StreamedModel:
     """Open ``path`` (file, component folder or pipeline folder) and return one component, ready
-    to run within ``memory_budget`` (e.g. "400M"; None = no bound)."""
+    to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound).
+
+    ``baseline``: bytes of the process that are not the model's (default: measured — this
+    process's RSS with the kernels loaded). Pass 0 to give the model ``memory_budget`` for its
+    own weights, activations and scratch, e.g. when embedding streamexec in a larger program.
+    ``scratch_dir``: where activations that do not fit are spilled (default: the temp folder)."""
     ckpt = open_checkpoint(path, variant=variant)
     comp = ckpt.component(component)
     cls = MODEL_CLASSES.get(comp.name)
     if cls is None:
         raise StreamexecError(f"component {comp.name!r} cannot be run yet (supported: {', '.join(MODEL_CLASSES)})")
     budget = None if memory_budget is None else parse_size(memory_budget)
-    return cls(ckpt, comp, budget)
+    return cls(ckpt, comp, budget, baseline, scratch_dir)

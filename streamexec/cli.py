@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import NotImplementedYet, StreamexecError
-from .sizes import parse_size
+from .errors import NotImplementedYet, PlanError, StreamexecError
+from .sizes import format_size, parse_size
 
 EPILOG = "Run 'streamexec COMMAND --help' for the flags of each command."
 
@@ -44,11 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("model", metavar="MODEL", help="checkpoint file or folder")
-    p.add_argument("--component", help="which component to plan (unet, vae, text_encoder, ...)")
+    p.add_argument(
+        "--component", action="append",
+        help="component(s) to plan: unet, vae, text_encoder, transformer, text_encoder_2 "
+        "(repeatable; default: every component the checkpoint has)",
+    )
     p.add_argument("--variant", help="weight variant in a diffusers folder (e.g. fp16)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels")
-    p.add_argument("--batch", type=int, default=None, help="batch size (2 for classifier-free guidance)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument(
+        "--batch", type=int, default=1,
+        help="images per prompt (SD 1.5's UNet and text encoder run twice that: prompt + negative prompt)",
+    )
+    p.add_argument("--no-cfg", action="store_true", help="plan SD 1.5 without classifier-free guidance (batch x1)")
+    p.add_argument("--vae-mode", choices=["decode", "encode"], default="decode", help="VAE direction to plan")
     p.add_argument("--steps", type=int, default=None, help="denoising steps recorded in the plan")
     p.add_argument(
         "--memory-budget", default=None, metavar="SIZE",
@@ -107,22 +116,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def budget_arg(text: str | None) -> int | None:
+    """``--memory-budget``: a size, ``auto`` (the cgroup limit or available RAM, minus a margin),
+    or nothing (no bound)."""
+    if text is None:
+        return None
+    if text == "auto":
+        from .runtime.process import auto_budget
+
+        return auto_budget()
+    return parse_size(text)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .weights.checkpoint import open_checkpoint
     from .weights.describe import describe_checkpoint
 
-    if args.memory_budget not in (None, "auto"):
-        parse_size(args.memory_budget)
+    budget = budget_arg(args.memory_budget)
     ckpt = open_checkpoint(args.model, variant=args.variant)
     try:
-        if args.component is not None:
-            ckpt.component(args.component)
-        print(describe_checkpoint(ckpt))
+        for name in args.component or ():
+            ckpt.component(name)
+        if args.check:
+            print(describe_checkpoint(ckpt))
+            return 0
+        return _write_plan(args, ckpt, budget)
     finally:
         ckpt.close()
-    if args.check:
-        return 0
-    raise NotImplementedYet("planning is not implemented yet; checkpoint is valid, nothing written")
+
+
+def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
+    from .models.registry import RUNNABLE, RunShape, default_size
+    from .planner.plan import plan_components, save_plan
+    from .runtime.process import measure_baseline
+
+    names = args.component or [n for n in RUNNABLE if n in ckpt.components]
+    if not names:
+        raise StreamexecError(f"{ckpt.root}: no component streamexec can run (it has: {', '.join(ckpt.components)})")
+    configs = {n: dict(c.config or {}) for n, c in ckpt.components.items()}
+    side = default_size(configs)
+    flux = "transformer" in ckpt.components
+    shape = RunShape(args.height or side, args.width or side, max(1, args.batch), cfg=not (flux or args.no_cfg))
+    dtypes = {t.dtype for c in ckpt.components.values() for t in c.tensors.values()}
+    baseline = measure_baseline(dtypes)
+    plan = plan_components(ckpt, names, shape, budget, baseline, steps=args.steps, vae_mode=args.vae_mode,
+                           variant=args.variant)
+    save_plan(plan, args.output)
+    for name, cp in plan.components.items():
+        f = cp.fit
+        print(f"{name:<15} {len(cp.graph.ops):>5} ops  {len(f.schedule.units):>5} units  "
+              f"{cp.flops / 1e9:>10.1f} GFLOP  weights {format_size(cp.weight_bytes):>11}  "
+              f"peak {format_size(f.peak):>11}  smallest budget {format_size(f.min_budget)}")
+    print(f"wrote {args.output}: budget {format_size(budget) if budget else 'none'}, planned peak "
+          f"{format_size(plan.peak)} (process baseline {format_size(baseline)}); "
+          f"'streamexec inspect {args.output}' shows every layer")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -130,7 +178,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    raise NotImplementedYet("'inspect' is not implemented yet")
+    from .planner import inspect
+    from .planner.plan import read_plan_dict
+
+    plan = read_plan_dict(args.plan)
+    try:
+        if args.chart:
+            inspect.chart(plan, args.chart)
+        out = inspect.to_json(plan) if args.json else inspect.table(plan)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise PlanError(f"{args.plan}: malformed plan ({type(e).__name__}: {e})") from None
+    try:
+        print(out, flush=True)
+    except BrokenPipeError:  # `streamexec inspect plan.yaml | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.chart and not args.json:
+        print(f"wrote {args.chart}")
+    return 0
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "inspect": cmd_inspect}

@@ -1,13 +1,15 @@
-"""The executor: walks a graph unit by unit, prefetching the next unit's weights on a background
-thread while the current one computes, releasing pages after use, freeing activations at their
-last use, and recording per-op time and RSS. It never knows which architecture it runs."""
+"""The executor: walks a graph unit by unit as a schedule says — loading the next unit's weights
+in the background while the current one computes, releasing pages after use, freeing activations
+at their last use, spilling and reloading the ones the planner sent to disk — and records per op
+time, bytes and memory. It never knows which architecture it runs."""
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -15,33 +17,31 @@ from ..errors import StreamexecError
 from ..models.graph import Graph
 from ..weights.store import WeightStore
 from .ops import OPS, OpContext
+from .process import current_rss, peak_rss, reset_peak_rss, tune_malloc
+from .spill import SpillStore
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def current_rss() -> int:
-    """Resident set size of this process now (bytes), from /proc/self/statm (cheap)."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * _PAGE
-
-
-def peak_rss() -> int:
-    """Peak resident set size (VmHWM) of this process so far (bytes)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+#: How the weights of the next unit are loaded while a unit computes: "populate" maps them into
+#: the process (costs RSS, no page faults later), "readahead" only asks the kernel to read them
+#: into the page cache (no RSS), "none" loads nothing ahead.
+PREFETCH_MODES = ("populate", "readahead", "none")
 
 
 @dataclass
 class Schedule:
-    """How to run a graph: ops grouped into streaming units, and per-op kernel parameters
-    (row_chunk, panel_rows, q_tile, k_tile, band_rows). Produced by the planner."""
+    """How to run a graph, as the planner decided: ops grouped into streaming units; per unit how
+    the next unit's weights are loaded meanwhile; per op kernel parameters (row_chunk,
+    panel_rows, q_tile, k_tile, band_rows); which activations go to disk after an op and come
+    back before one; and the planned peak bytes of each op (for the trace)."""
 
     units: list[list[int]]
     op_params: dict[int, dict] = field(default_factory=dict)
-    prefetch: bool = True
+    prefetch: list[str] | None = None
+    spill_after: dict[int, list[str]] = field(default_factory=dict)
+    reload_before: dict[int, list[str]] = field(default_factory=dict)
+    planned_bytes: dict[int, int] = field(default_factory=dict)
+
+    def prefetch_mode(self, u: int) -> str:
+        return "populate" if self.prefetch is None else self.prefetch[u]
 
     @classmethod
     def by_unit(cls, graph: Graph) -> Schedule:
@@ -49,7 +49,7 @@ class Schedule:
         units: list[list[int]] = []
         last = None
         for i, op in enumerate(graph.ops):
-            if op.unit != last:
+            if op.unit != last or not units:
                 units.append([])
                 last = op.unit
             units[-1].append(i)
@@ -58,29 +58,39 @@ class Schedule:
 
 @dataclass
 class OpRecord:
+    """What one op did: wall time, weight bytes it read, RSS after it and the peak RSS while it
+    ran (VmHWM reset before each op where the kernel allows), and the planner's estimate."""
+
+    index: int
     name: str
     kind: str
     seconds: float
-    rss_after: int
     weight_bytes: int
+    rss_after: int
+    peak_rss: int
+    planned_bytes: int
 
 
 class Executor:
     """Runs ``graph`` with weights from ``store`` under ``schedule``."""
 
     def __init__(self, graph: Graph, store: WeightStore, schedule: Schedule | None = None,
-                 *, trace: bool = False, check_finite: bool = True) -> None:
+                 *, trace: bool = False, check_finite: bool = True, scratch_dir: str | None = None) -> None:
         self.graph = graph
         self.store = store
         self.schedule = schedule or Schedule.by_unit(graph)
         self.trace = trace
         self.check_finite = check_finite
+        self.scratch_dir = scratch_dir
         self.records: list[OpRecord] = []
         self.wait_seconds = 0.0
+        self.spill_bytes_written = 0
+        self.spill_bytes_read = 0
         self._last_use = self._liveness()
         self._unit_weights = [
             sorted({k for i in unit for k in graph.ops[i].weights.values()}) for unit in self.schedule.units
         ]
+        self._can_reset_peak = trace and reset_peak_rss()
 
     def _liveness(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -108,36 +118,63 @@ class Executor:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Compute the graph's outputs for these inputs."""
+        tune_malloc()
         env = self._check_feeds(feeds)
-        units = self.schedule.units
+        sched = self.schedule
+        units = sched.units
         store = self.store
-        if units and self.schedule.prefetch:
-            store.prefetch(self._unit_weights[0])
+        spills = SpillStore(self.scratch_dir) if sched.spill_after else None
+        if units and sched.prefetch_mode(0) != "none":
+            store.prefetch(self._unit_weights[0])  # the first unit: nothing to overlap with yet
         try:
             for u, unit in enumerate(units):
                 t0 = time.perf_counter()
                 store.wait()
                 self.wait_seconds += time.perf_counter() - t0
-                if self.schedule.prefetch and u + 1 < len(units):
-                    store.prefetch(self._unit_weights[u + 1])
+                if u + 1 < len(units):
+                    mode = sched.prefetch_mode(u)
+                    if mode == "populate":
+                        store.prefetch(self._unit_weights[u + 1])
+                    elif mode == "readahead":
+                        store.readahead(self._unit_weights[u + 1])
                 for i in unit:
-                    self._run_op(i, env)
+                    for t in sched.reload_before.get(i, ()):
+                        if t not in env:
+                            env[t] = spills.get(t)  # type: ignore[union-attr]
+                    self._run_op(i, env, spills)
+                    for t in sched.spill_after.get(i, ()):
+                        if t in env:
+                            if t not in spills:  # type: ignore[operator]
+                                spills.put(t, env[t])  # type: ignore[union-attr]
+                            del env[t]
+                    if i != unit[-1]:
+                        self._close_window()
                 keep = set(self._unit_weights[u + 1]) if u + 1 < len(units) else set()
                 store.release([k for k in self._unit_weights[u] if k not in keep])
+                self._close_window()
         except BaseException:
             try:  # let the prefetch thread finish before the caller tears things down
                 store.wait()
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
             raise
+        finally:
+            if spills is not None:
+                self.spill_bytes_written = spills.bytes_written
+                self.spill_bytes_read = spills.bytes_read
+                spills.close()
         return [env[t] for t in self.graph.outputs]
 
-    def _run_op(self, i: int, env: dict[str, np.ndarray]) -> None:
+    def _run_op(self, i: int, env: dict[str, np.ndarray], spills: SpillStore | None) -> None:
         op = self.graph.ops[i]
         fn = OPS.get(op.kind)
         if fn is None:
             raise StreamexecError(f"op {op.name}: unknown kind {op.kind!r}")
-        args = [env[t] for t in op.inputs]
+        try:
+            args = [env[t] for t in op.inputs]
+        except KeyError as e:
+            raise StreamexecError(f"op {op.name}: input {e.args[0]!r} is not available (spilled and not "
+                                  "reloaded, or freed too early: a broken schedule)") from None
         shape = self.graph.tensors[op.output]
         t0 = time.perf_counter()
         out = fn(OpContext(self.store, self.schedule.op_params.get(i, {})), op, args, shape)
@@ -147,9 +184,34 @@ class Executor:
         if self.check_finite and out.size and not (np.isfinite(out.max()) and np.isfinite(out.min())):
             raise StreamexecError(f"op {op.name} ({op.kind}) produced NaN/Inf; stopping")
         env[op.output] = out
+        del args, out
         for t in set(op.inputs):
             if self._last_use.get(t) == i:
-                del env[t]
+                env.pop(t, None)
+                if spills is not None:
+                    spills.drop(t)
         if self.trace:
-            self.records.append(OpRecord(op.name, op.kind, dt, current_rss(),
-                                         sum(self.store.nbytes(k) for k in op.weights.values())))
+            self.records.append(OpRecord(
+                i, op.name, op.kind, dt, sum(self.store.nbytes(k) for k in op.weights.values()), current_rss(),
+                0, self.schedule.planned_bytes.get(i, 0),
+            ))
+
+    def _close_window(self) -> None:
+        """Attribute the peak RSS since the last reset to the op that just finished (its window
+        ends after its unit's weights are released, before the next op starts)."""
+        if self.trace and self.records and self._can_reset_peak:
+            self.records[-1].peak_rss = peak_rss()
+            reset_peak_rss()
+
+    def trace_json(self) -> dict:
+        """The trace as a JSON-able dict (what ``--trace FILE`` writes)."""
+        return {
+            "model": self.graph.model,
+            "wait_seconds": self.wait_seconds,
+            "spill_bytes_written": self.spill_bytes_written,
+            "spill_bytes_read": self.spill_bytes_read,
+            "ops": [asdict(r) for r in self.records],
+        }
+
+    def write_trace(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.trace_json(), indent=1))

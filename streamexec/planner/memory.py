@@ -1,0 +1,205 @@
+"""What each op needs in memory besides its inputs and output — the kernels' scratch (decoded
+weight panels, im2col bands, attention score tiles, the GEGLU hidden chunk) — as a function of the
+kernel parameters the planner may choose, and the menu of those parameters from fastest (the
+kernels' defaults) to smallest.
+
+The formulas are the kernels' own ``*_scratch_bytes`` functions; ops without a kernel scratch
+either allocate nothing but their output or say here what else they allocate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from math import prod
+
+from ..kernels.attention import attention_scratch_bytes, default_tiles, kernel_workers
+from ..kernels.conv import conv2d_plan, conv2d_scratch_bytes
+from ..kernels.linear import default_panel_rows, hidden_scratch_bytes, linear_scratch_bytes, linear_workers
+from ..models.graph import Graph, Op
+from ..weights.dtypes import DTYPES
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class WeightMeta:
+    """Stored shape, dtype tag and bytes of one weight (from the checkpoint header)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+WeightTable = dict[str, WeightMeta]
+
+
+def out_bytes(graph: Graph, t: str) -> int:
+    """Bytes of an activation (graph tensors are f32; integer inputs are int64: same bound x2)."""
+    n = prod(graph.tensors[t])
+    return n * (8 if graph.input_dtypes.get(t, "f32") != "f32" else F32)
+
+
+def _halvings(start: int, floor: int) -> list[int]:
+    out = [start]
+    v = start
+    while v // 2 >= floor:
+        v //= 2
+        out.append(v)
+    return out
+
+
+# -- per kind: parameter menus and scratch ----------------------------------------------------------
+def _linear_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
+    meta = w[op.weights["weight"]]
+    n, k = meta.shape[:2]
+    gate = op.attrs.get("gate")
+    m = prod(graph.tensors[op.inputs[0]][:-1])
+    panels = [None] if meta.dtype == "F32" else _halvings(default_panel_rows(k, n), min(32, n))
+    if gate:
+        inner = n // 2 if op.attrs.get("gate") == "geglu" else n
+        rows = _halvings(max(1, min(m, (32 << 20) // (F32 * inner))), min(16, m))
+    else:
+        rows = [None]
+    out = []
+    for i in range(max(len(panels), len(rows))):
+        p = panels[min(i, len(panels) - 1)]
+        r = rows[min(i, len(rows) - 1)]
+        d: dict = {}
+        if p is not None and i:
+            d["panel_rows"] = p
+        if r is not None and i:
+            d["row_chunk"] = r
+        out.append(d)
+    return out
+
+
+def _linear_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    meta = w[op.weights["weight"]]
+    n, k = meta.shape[:2]
+    m = prod(graph.tensors[op.inputs[0]][:-1])
+    total = 0
+    if "bias" in op.weights:
+        total += F32 * w[op.weights["bias"]].shape[0]  # decoded bias
+    gate = op.attrs.get("gate")
+    if gate:
+        inner = n // 2 if gate == "geglu" else n
+        rows = params.get("row_chunk") or max(1, (32 << 20) // (F32 * inner))
+        total += hidden_scratch_bytes(inner, max(1, min(m, rows)))
+        n = inner
+    if meta.dtype != "F32":
+        panel = params.get("panel_rows") or default_panel_rows(k, n)
+        total += linear_scratch_bytes(k, min(panel, n), linear_workers())
+    return total
+
+
+def _conv_kw(op: Op) -> dict:
+    return {"stride": op.attrs.get("stride", 1), "pad": tuple(op.attrs["pad"]),
+            "upsample": op.attrs.get("upsample", False)}
+
+
+def _conv_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
+    meta = w[op.weights["weight"]]
+    x = graph.tensors[op.inputs[0]]
+    plan = conv2d_plan(x, meta.shape, meta.dtype, **_conv_kw(op))
+    return [{}] + [{"band_rows": b} for b in _halvings(plan["band_rows"], 1)[1:]]
+
+
+def _conv_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    meta = w[op.weights["weight"]]
+    x = graph.tensors[op.inputs[0]]
+    total = conv2d_scratch_bytes(x, meta.shape, meta.dtype, band_rows=params.get("band_rows"),
+                                 panel_rows=params.get("panel_rows"), **_conv_kw(op))
+    if "bias" in op.weights:
+        total += F32 * meta.shape[0]
+    return total
+
+
+def _attention_dims(graph: Graph, op: Op) -> tuple[int, int, int, int]:
+    _, nq, width = graph.tensors[op.inputs[0]]
+    nk = graph.tensors[op.inputs[1]][1]
+    h = op.attrs["heads"]
+    return nq, nk, h, width // h
+
+
+def _attention_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
+    nq, nk, h, d = _attention_dims(graph, op)
+    qt, kt = default_tiles(nq, nk, d, h, kernel_workers())
+    out = [{}]
+    for q in _halvings(qt, min(16, qt))[1:]:
+        out.append({"q_tile": q, "k_tile": kt})
+    for k in _halvings(kt, min(64, kt))[1:]:
+        out.append({"q_tile": out[-1].get("q_tile", qt), "k_tile": k})
+    return out
+
+
+def _attention_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    nq, nk, h, d = _attention_dims(graph, op)
+    dq, dk = default_tiles(nq, nk, d, h, kernel_workers())
+    total = attention_scratch_bytes(h, d, params.get("q_tile") or dq, params.get("k_tile") or dk)
+    if op.attrs.get("rel_bias"):
+        total += F32 * h * (nq + nk - 1 + 16)  # the padded bias copy
+    return total
+
+
+def _embedding_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    meta = w[op.weights["weight"]]
+    rows = prod(graph.tensors[op.inputs[0]])
+    return rows * meta.shape[-1] * DTYPES[meta.dtype].itemsize  # the gathered rows before decoding
+
+
+def _add_position_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    shape = graph.tensors[op.output]
+    return F32 * shape[1] * shape[-1]
+
+
+def _nothing(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    return 0
+
+
+def _small_vectors(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    return sum(F32 * prod(w[k].shape) for k in op.weights.values())
+
+
+Scratch = Callable[[Graph, Op, WeightTable, dict], int]
+Options = Callable[[Graph, Op, WeightTable], list[dict]]
+
+SCRATCH: dict[str, Scratch] = {
+    "linear": _linear_scratch,
+    "conv2d": _conv_scratch,
+    "attention": _attention_scratch,
+    "embedding": _embedding_scratch,
+    "add_position": _add_position_scratch,
+    "group_norm": _small_vectors,
+    "layer_norm": _small_vectors,
+    "rms_norm": _small_vectors,
+    "add": _nothing,
+    "unary": _nothing,
+    "concat": _nothing,
+    "to_tokens": _nothing,
+    "to_image": _nothing,
+    "timestep_embedding": _nothing,
+    "pool_eos": _nothing,
+    "scale": _nothing,
+}
+
+OPTIONS: dict[str, Options] = {
+    "linear": _linear_options,
+    "conv2d": _conv_options,
+    "attention": _attention_options,
+}
+
+
+def op_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    """Bytes ``op`` allocates besides its output with these kernel parameters. Kinds without a
+    formula are charged one more output's worth (a conservative guess, never zero)."""
+    fn = SCRATCH.get(op.kind)
+    if fn is None:
+        return out_bytes(graph, op.output)
+    return fn(graph, op, w, params)
+
+
+def param_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
+    """Kernel parameter sets for ``op``, fastest first (``{}`` = the kernel's defaults), each
+    needing no more scratch than the one before."""
+    fn = OPTIONS.get(op.kind)
+    return [{}] if fn is None else fn(graph, op, w)
