@@ -17,14 +17,17 @@ layer_norm           x[..., D]; weight?, bias?; attrs eps; optional inputs shift
                      (AdaLN: norm(x) * (1 + scale) + shift, broadcast over tokens)
 rms_norm             x[..., D] (D = last axis, e.g. per head); weight; attrs eps
 attention            q[B, Nq, H*D], k, v [B, Nk, H*D] → [B, Nq, H*D]; attrs heads, scale, causal;
-                     optional inputs rel_bias [H, Nq+Nk-1], rope_cos/rope_sin [N, D/2]
+                     optional 4th input rel_bias [H, Nq+Nk-1] when attrs rel_bias (T5); FLUX's
+                     RoPE is applied to q and k before, by head_norm
 add                  a + b; b may broadcast: [B, C] over [B, C, H, W] (attrs broadcast="nchw")
                      or [B, D] over [B, N, D] (broadcast="tokens"); attrs scale_b (gate input)
-gated_add            a + gate[B, D] * b[B, N, D]  (FLUX residual with AdaLN gate)
+gated_add            inputs a, b [B, N, D], gate [B, D] → a + gate * b (FLUX residual with AdaLN gate;
+                     the product is rounded first, as diffusers)
 mul                  a * b elementwise (T5 gated FF when not fused)
 unary                x → f(x); attrs fn (silu|gelu|gelu_tanh|quick_gelu)
 concat               inputs concatenated on attrs axis
-slice                x[..., start:stop] on attrs axis (views where possible)
+slice                x[..., start:stop]; attrs axis, start, stop (a view: chunks of AdaLN projections,
+                     the text / image rows of a joint stream)
 to_tokens            [B, C, H, W] → [B, H*W, C]
 to_image             [B, H*W, C] → [B, C, H, W]; attrs height, width
 timestep_embedding   t[B] → [B, dim]; attrs dim, flip_sin_to_cos, shift, scale
@@ -32,6 +35,24 @@ embedding            ids[B, N] (int) → weight rows [B, N, D]
 add_position         x[B, N, D] + weight[:N] (learned positions, CLIP)
 pool_eos             x[B, N, D], ids[B, N] → [B, D]: the row at the EOS token (CLIP pooled output)
 scale                x * attrs.factor
+rope_freqs           txt_ids [Nt, A], img_ids [Ni, A] → [2, Nt+Ni, D/2]: cos and sin of the FLUX
+                     RoPE over ids [txt; img]; attrs axes_dim (sum D), theta
+head_norm            x[B, N, H*D] → RMSNorm over each head's D features (weight [D]; attrs heads,
+                     eps), then, with a 2nd input rope [2, Nr, D/2], RoPE with table rows
+                     attrs.rope_offset + (0..N-1) (FLUX q/k norm + rotary embedding)
+mlp                  x[B, N, K] → act(x @ up.T + up_bias) [* (x @ up_mul.T)] @ down.T + down_bias;
+                     weights up, up_bias?, up_mul? (T5 gated FF), down, down_bias?; attrs
+                     activation (+ relu); optional inputs residual [B, N, D], gate [B, D] →
+                     residual + gate * mlp(x). The [rows, inner] hidden exists row_chunk rows at
+                     a time (params row_chunk, panel_rows)
+parallel_mlp         inputs x [B, N, K], attn [B, N, A], residual [B, N, D], gate [B, D] →
+                     residual + gate * (concat(attn, act(x @ up.T + up_bias)) @ down.T +
+                     down_bias) (FLUX single block: proj_mlp, proj_out); row-chunked like mlp
+t5_rel_bias          no inputs; weight [buckets, H] → [H, Nq+Nk-1]: T5's bucketed bias of relative
+                     offset j - i at index j - i + Nq - 1; attrs nq, nk, num_buckets,
+                     max_distance, bidirectional (the layout ``attention`` takes as rel_bias)
+prefix_attention     as attention (no causal), inputs q, k, v, key_len [B] (int), rel_bias?: item b
+                     attends to its first key_len[b] keys only (right-padded attention_mask)
 ===================  ===========================================================================
 """
 

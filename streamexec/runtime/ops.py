@@ -196,3 +196,7 @@ OPS: dict[str, OpFn] = {
     "pool_eos": op_pool_eos,
     "scale": op_scale,
 }
+
+from .ops_transformer import TRANSFORMER_OPS  # noqa: E402  (FLUX/T5 op kinds)
+
+OPS.update(TRANSFORMER_OPS)
