@@ -253,3 +253,47 @@ def test_flux_vae_bfl_ae_file_decode(tmp_path: Path) -> None:
         ref = model.decode(z).sample
     ours = streamexec.load(tmp_path / "ae.safetensors", component="vae").decode(z.numpy())
     assert rel_err(ours, ref) <= TOL
+
+
+# ------------------------------------------------------------------------------ kernel chunk params
+
+
+def test_chunk_params_keep_parity(tmp_path: Path) -> None:
+    """The chunk parameters a planner sets on these models' ops (row chunks of the MLP hidden that
+    do not divide the token count, attention tiles) change nothing but memory: still parity."""
+    from streamexec.models.flux import build_flux_transformer
+    from streamexec.models.t5 import build_t5_encoder
+    from streamexec.runtime.executor import Executor, Schedule
+
+    def run(m, graph, feeds, params: dict[str, dict]) -> np.ndarray:
+        schedule = Schedule.by_unit(graph)
+        schedule.op_params.update({i: params[op.kind] for i, op in enumerate(graph.ops) if op.kind in params})
+        assert schedule.op_params
+        return Executor(graph, m.store, schedule).run(feeds)[0]
+
+    cfg = FLUX_CONFIGS["schnell-like"]
+    model = FluxTransformer2DModel(**cfg).eval()
+    randomize(model, 0)
+    model.save_pretrained(tmp_path / "transformer")
+    inputs = flux_inputs(cfg, 2, 3, 4, 5, seed=1)
+    with torch.no_grad():
+        ref = model(**inputs).sample
+    m = streamexec.load(tmp_path / "transformer", component="transformer")
+    graph = build_flux_transformer(m.config, m.weight_info, batch=2, img_tokens=12, txt_tokens=5)
+    small = {"mlp": {"row_chunk": 5, "panel_rows": 7}, "parallel_mlp": {"row_chunk": 5, "panel_rows": 7},
+             "attention": {"q_tile": 3, "k_tile": 4}}
+    ours = run(m, graph, {k: v.numpy() for k, v in inputs.items() if v is not None}, small)
+    assert rel_err(ours, ref) <= TOL_FLUX
+
+    t5_model = tiny_t5("gated-gelu", seed=8)
+    t5_model.save_pretrained(tmp_path / "text_encoder_2")
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(16))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, 33:] = 0
+    with torch.no_grad():
+        ref = t5_model(ids, attention_mask=mask).last_hidden_state
+    m = streamexec.load(tmp_path / "text_encoder_2", component="text_encoder_2")
+    graph = build_t5_encoder(m.config, m.weight_info, batch=2, seq_len=40, masked=True)
+    ours = run(m, graph, {"input_ids": ids.numpy(), "key_len": mask.sum(1).numpy()},
+               {"mlp": {"row_chunk": 7}, "prefix_attention": {"q_tile": 5, "k_tile": 6}})
+    assert rel_err(ours, ref) <= TOL
