@@ -1,0 +1,220 @@
+"""Memory budgets: schedules that fit, results that do not change, and peak RSS measured by the OS.
+
+- Tight budgets (``baseline=0`` so that tiny models feel them): the planner must chunk rows, tile
+  attention, band convolutions, split units and spill activations — and the outputs must match
+  diffusers/transformers to the same tolerance as the unbounded run (1e-4 relative).
+- Too small a budget fails before computing anything and names the smallest that fits, which
+  then works.
+- A subprocess runs a 312M-parameter UNet (624 MB of fp16 weights) under a 300 MiB budget; its
+  VmHWM (from /proc, not the planner's arithmetic) stays under the budget, and every op's peak
+  RSS window stays under what the plan charged for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_parity_sd import UNET_CONFIGS, VAE_CONFIGS, randomize, rel_err
+
+import streamexec
+from streamexec.errors import BudgetError
+
+TOL = 1e-4
+MiB = 1 << 20
+
+
+def _schedule_features(m) -> dict:
+    s = m.last_fit.schedule
+    params = [p for p in s.op_params.values()]
+    return {
+        "spills": sum(len(v) for v in s.spill_after.values()),
+        "row_chunk": any("row_chunk" in p for p in params),
+        "tiles": any("q_tile" in p for p in params),
+        "bands": any("band_rows" in p for p in params),
+        "readahead": "readahead" in (s.prefetch or []),
+        "units": len(s.units),
+    }
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory) -> tuple[Path, object]:
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(**UNET_CONFIGS["sd15-like"]).eval()
+    randomize(model, 0)
+    path = tmp_path_factory.mktemp("budget") / "unet"
+    model.save_pretrained(path)
+    return path, model
+
+
+def _unet_inputs(cfg: dict):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"], generator=g)
+    ctx = torch.randn(2, 7, cfg["cross_attention_dim"], generator=g)
+    t = torch.tensor([999.0, 17.0])
+    return x, t, ctx
+
+
+def test_unet_smallest_budget_chunks_tiles_bands_spills_and_matches(unet_dir, tmp_path: Path) -> None:
+    path, model = unet_dir
+    x, t, ctx = _unet_inputs(UNET_CONFIGS["sd15-like"])
+    with torch.no_grad():
+        ref = model(x, t, encoder_hidden_states=ctx).sample
+    free = streamexec.load(path, baseline=0)
+    unbounded = free(x.numpy(), t.numpy(), ctx.numpy())
+    smallest = free.last_fit.min_budget
+    assert smallest < free.last_fit.peak
+
+    scratch = tmp_path / "scratch"
+    tight = streamexec.load(path, baseline=0, memory_budget=smallest, scratch_dir=str(scratch))
+    ours = tight(x.numpy(), t.numpy(), ctx.numpy())
+    f = _schedule_features(tight)
+    assert f["spills"] > 0 and f["row_chunk"] and f["tiles"] and f["bands"] and f["readahead"], f
+    assert f["units"] > len(free.last_fit.schedule.units)
+    assert tight.last_fit.peak <= smallest
+    assert tight.last_executor.spill_bytes_written > 0
+    assert rel_err(ours, ref) <= TOL
+    assert rel_err(ours, unbounded) <= TOL
+    assert list(scratch.iterdir()) == []  # the spill folder is gone after the run
+
+
+def test_unet_budget_between_smallest_and_unbounded(unet_dir) -> None:
+    path, model = unet_dir
+    x, t, ctx = _unet_inputs(UNET_CONFIGS["sd15-like"])
+    with torch.no_grad():
+        ref = model(x, t, encoder_hidden_states=ctx).sample
+    free = streamexec.load(path, baseline=0)
+    free(x.numpy(), t.numpy(), ctx.numpy())
+    lo, hi = free.last_fit.min_budget, free.last_fit.peak
+    for frac in (0.3, 0.7):
+        budget = int(lo + frac * (hi - lo))
+        m = streamexec.load(path, baseline=0, memory_budget=budget)
+        ours = m(x.numpy(), t.numpy(), ctx.numpy())
+        assert m.last_fit.peak <= budget
+        assert rel_err(ours, ref) <= TOL
+
+
+def test_too_small_budget_names_the_smallest_that_fits(unet_dir) -> None:
+    path, _ = unet_dir
+    x, t, ctx = _unet_inputs(UNET_CONFIGS["sd15-like"])
+    m = streamexec.load(path, baseline=0, memory_budget="1M")
+    with pytest.raises(BudgetError) as e:
+        m(x.numpy(), t.numpy(), ctx.numpy())
+    assert m.last_executor is None  # nothing ran
+    msg = str(e.value)
+    found = re.search(r"smallest that fits is ([\d.]+) MiB", msg)
+    assert found, msg
+    smallest = int(float(found.group(1)) * MiB)
+    ok = streamexec.load(path, baseline=0, memory_budget=smallest)
+    ok(x.numpy(), t.numpy(), ctx.numpy())
+    assert ok.last_fit.peak <= smallest
+
+
+def test_vae_and_clip_at_smallest_budget_match(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = VAE_CONFIGS["sd-4ch-quant"]
+    n = len(cfg["block_out_channels"])
+    vae_model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                              up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=1, norm_num_groups=8,
+                              **cfg).eval()
+    randomize(vae_model, 3)
+    vae_model.save_pretrained(tmp_path / "vae")
+    z = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = vae_model.decode(z).sample
+    free = streamexec.load(tmp_path / "vae", baseline=0)
+    free.decode(z.numpy())
+    tight = streamexec.load(tmp_path / "vae", baseline=0, memory_budget=free.last_fit.min_budget)
+    ours = tight.decode(z.numpy())
+    f = _schedule_features(tight)
+    assert f["spills"] > 0 and f["bands"], f
+    assert rel_err(ours, ref) <= TOL
+
+    tcfg = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                          num_attention_heads=4, max_position_embeddings=16, eos_token_id=2)
+    clip = CLIPTextModel(tcfg).eval()
+    randomize(clip, 2)
+    clip.save_pretrained(tmp_path / "te")
+    ids = torch.tensor([[0, 5, 17, 98, 3, 3], [0, 40, 98, 3, 3, 3]])
+    with torch.no_grad():
+        cref = clip(ids)
+    free = streamexec.load(tmp_path / "te", baseline=0)
+    free(ids.numpy())
+    tight = streamexec.load(tmp_path / "te", baseline=0, memory_budget=free.last_fit.min_budget)
+    h, pooled = tight(ids.numpy())
+    assert rel_err(h, cref.last_hidden_state) <= TOL
+    assert rel_err(pooled, cref.pooler_output) <= TOL
+
+
+# -- the OS's word: a subprocess under a budget well below the checkpoint size --------------------
+MID_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320, 640, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+)
+BUDGET = 300 * MiB
+
+RUNNER = r"""
+import json, sys
+import numpy as np
+import streamexec
+from streamexec.runtime.process import peak_rss
+path, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+d = np.load(out + ".in.npz")
+m = streamexec.load(path, memory_budget=budget)
+y = m(d["x"], d["t"], d["c"])
+hwm = peak_rss()
+np.save(out, y)
+m.trace = True
+m(d["x"], d["t"], d["c"])
+recs = m.last_executor.records
+print(json.dumps({
+    "hwm": hwm, "baseline": m.last_fit.baseline, "planned_peak": m.last_fit.peak,
+    "windows": [[r.name, r.peak_rss, r.planned_bytes] for r in recs],
+    "spill_written": m.last_executor.spill_bytes_written,
+}))
+"""
+
+
+def test_subprocess_peak_rss_stays_under_budget(tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**MID_UNET).eval()
+    model.half().save_pretrained(tmp_path / "unet")  # fp16 weights, as users have them
+    model = model.float()  # the reference runs exactly the fp16-rounded weights in f32
+    ckpt_bytes = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert ckpt_bytes > 1.5 * BUDGET  # the budget is well under the checkpoint
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    c = torch.randn(2, 7, 256, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        ref = model(x, t, encoder_hidden_states=c).sample
+    out = tmp_path / "y.npy"
+    np.savez(str(out) + ".in.npz", x=x.numpy(), t=t.numpy(), c=c.numpy())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "unet"), str(BUDGET), str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    closest = min(q - p for _, p, q in info["windows"])
+    print(f"VmHWM {info['hwm'] / MiB:.1f} MiB, budget {BUDGET / MiB:.0f} MiB, planned peak "
+          f"{info['planned_peak'] / MiB:.1f} MiB, baseline {info['baseline'] / MiB:.1f} MiB, checkpoint "
+          f"{ckpt_bytes / MiB:.0f} MiB, closest op window {closest / MiB:.1f} MiB under its plan")
+    assert info["hwm"] <= BUDGET, (info["hwm"] / MiB, info["planned_peak"] / MiB, info["baseline"] / MiB)
+    over = [(n, p / MiB, q / MiB) for n, p, q in info["windows"] if p > q]
+    assert not over, over[:5]
+    assert rel_err(np.load(out), ref) <= TOL

@@ -1,0 +1,140 @@
+"""plan.yaml and the CLI around it: `streamexec plan -o`, `streamexec inspect` (table, JSON,
+chart), running a saved plan, and the refusals (changed checkpoint, unknown tensor, unsafe YAML,
+too small a budget)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from test_parity_sd import UNET_CONFIGS, randomize, rel_err
+
+from streamexec.cli import main
+from streamexec.errors import PlanError
+from streamexec.runtime.planned import PlannedRun
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(**UNET_CONFIGS["sd15-like"]).eval()
+    randomize(model, 0)
+    path = tmp_path_factory.mktemp("plan") / "unet"
+    model.save_pretrained(path)
+    return path, model
+
+
+def _plan(path: Path, out: Path, *extra: str) -> int:
+    # the tiny UNet's sample_size is 16 latent cells = 128 px; batch 1 with CFG = UNet batch 2
+    return main(["plan", str(path), "-o", str(out), "--height", "128", "--width", "128", *extra])
+
+
+def test_plan_writes_a_safe_yaml_with_every_op(unet, tmp_path: Path, capsys) -> None:
+    path, _ = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out, "--memory-budget", "2G") == 0
+    assert "wrote" in capsys.readouterr().out
+    d = yaml.safe_load(out.read_text())
+    assert d["kind"] == "streamexec-plan" and d["version"] == 1
+    files = d["checkpoint"]["files"]
+    assert len(files) == 1 and files[0]["size"] > 0 and len(files[0]["header_sha256"]) == 64
+    unet_plan = d["components"]["unet"]
+    assert unet_plan["inputs"]["sample"]["shape"] == [2, 4, 16, 16]
+    ops = unet_plan["ops"]
+    lin = next(o for o in ops if o["kind"] == "linear" and o["name"].endswith("attn1.to_q"))
+    m, n, k, _ = lin["gemm"][0]
+    assert (m, n, k) == (2 * 16 * 16, 32, 32)  # tokens x features: the real matrix sizes
+    assert lin["flops"] == 2 * m * n * k
+    assert all(o["memory"]["total"] <= d["memory"]["budget_bytes"] for o in ops)
+    assert unet_plan["units"][0]["ops"][0] == 0 and unet_plan["units"][-1]["ops"][1] == len(ops) - 1
+
+
+def test_inspect_table_json_and_chart(unet, tmp_path: Path, capsys) -> None:
+    path, _ = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "M x N x K" in table and "down_blocks.0.attentions.0" in table and "512x32x32" in table
+    assert main(["inspect", str(out), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    n_ops = len(yaml.safe_load(out.read_text())["components"]["unet"]["ops"])
+    assert len(js["ops"]) == n_ops and js["summary"]["components"]["unet"]["ops"] == n_ops
+    chart = tmp_path / "mem.png"
+    assert main(["inspect", str(out), "--chart", str(chart)]) == 0
+    with Image.open(chart) as im:
+        assert im.format == "PNG" and im.size[0] > 600
+
+
+def test_saved_plan_runs_and_matches_diffusers(unet, tmp_path: Path) -> None:
+    path, model = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out) == 0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 77, 24, generator=g)  # the plan is for CLIP's 77 tokens
+    t = torch.tensor([999.0, 17.0])
+    with torch.no_grad():
+        ref = model(x, t, encoder_hidden_states=ctx).sample
+    run = PlannedRun(out)
+    try:
+        (y,) = run.components["unet"].run(sample=x.numpy(), timestep=t.numpy(), encoder_hidden_states=ctx.numpy())
+    finally:
+        run.close()
+    assert rel_err(y, ref) <= 1e-4
+
+
+def test_plan_for_a_changed_checkpoint_is_refused(unet, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = unet
+    copy = tmp_path / "unet"
+    copy.mkdir()
+    (copy / "config.json").write_text((path / "config.json").read_text())
+    weights = load_file(path / "diffusion_pytorch_model.safetensors")
+    save_file(weights, copy / "diffusion_pytorch_model.safetensors")
+    out = tmp_path / "p.yaml"
+    assert _plan(copy, out) == 0
+    PlannedRun(out).close()  # unchanged: accepted
+    weights["conv_in.bias"] = weights["conv_in.bias"][:-1].copy()  # a different tensor shape
+    save_file(weights, copy / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(PlanError, match="changed since the plan was made"):
+        PlannedRun(out)
+
+
+def test_hand_edited_plan_with_unknown_tensor_is_refused(unet, tmp_path: Path) -> None:
+    path, _ = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out) == 0
+    d = yaml.safe_load(out.read_text())
+    d["components"]["unet"]["ops"][1]["weights"]["weight"] = "no.such.tensor"
+    out.write_text(yaml.safe_dump(d))
+    with pytest.raises(PlanError, match="no.such.tensor"):
+        PlannedRun(out)
+
+
+def test_unsafe_yaml_is_refused(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("kind: streamexec-plan\nversion: 1\nx: !!python/object/apply:os.system ['echo owned']\n")
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a valid plan" in err[0]
+    other = tmp_path / "other.yaml"
+    other.write_text("a: 1\n")
+    assert main(["inspect", str(other)]) == 2
+    assert "not a streamexec plan" in capsys.readouterr().err
+
+
+def test_too_small_budget_fails_before_writing(unet, tmp_path: Path, capsys) -> None:
+    path, _ = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out, "--memory-budget", "10M") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "smallest that fits is" in err[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
