@@ -45,7 +45,15 @@ def op_cost(graph: Graph, op: Op, weight_nbytes: dict[str, int], weight_shape: d
         m, kk = b * ho * wo, ci * kh * kw
         c.gemms.append((m, co, kk, 1))
         c.flops = 2 * m * co * kk
-    elif k == "attention":
+    elif k in ("mlp", "parallel_mlp"):
+        x = graph.tensors[op.inputs[0]]
+        m = prod(x[:-1])
+        for role in ("up", "up_mul", "down"):
+            if role in op.weights:
+                n, kk = weight_shape[op.weights[role]][:2]
+                c.gemms.append((m, n, kk, 1))
+                c.flops += 2 * m * n * kk
+    elif k in ("attention", "prefix_attention"):
         b, nq, width = graph.tensors[op.inputs[0]]
         nk = graph.tensors[op.inputs[1]][1]
         h = op.attrs["heads"]

@@ -141,6 +141,61 @@ def _attention_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> in
     return total
 
 
+# FLUX / T5 fused MLPs (runtime/ops_transformer.py): the [rows, inner] hidden is the only
+# intermediate; every inner linear allocates its own decoded panels (freed when it returns).
+_MLP_HIDDEN_TARGET = 32 << 20
+_MLP_MIN_ROWS = 256
+
+
+def _mlp_dims(graph: Graph, op: Op, w: WeightTable) -> tuple[int, int, int, int]:
+    """(rows per batch item, input width, inner width, the width the rows step is sized by)."""
+    x = graph.tensors[op.inputs[0]]
+    inner = w[op.weights["up"]].shape[0]
+    n = x[-2] if len(x) >= 3 else prod(x[:-1])
+    width = inner if op.kind == "mlp" else inner + graph.tensors[op.inputs[1]][-1]
+    return n, x[-1], inner, width
+
+
+def _mlp_rows(n: int, width: int, params: dict) -> int:
+    rc = params.get("row_chunk") or max(_MLP_MIN_ROWS, _MLP_HIDDEN_TARGET // (F32 * max(width, 1)))
+    return max(1, min(int(rc), max(n, 1)))
+
+
+def _mlp_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
+    n, _, _, width = _mlp_dims(graph, op, w)
+    rows = _halvings(_mlp_rows(n, width, {}), min(16, n))
+    wd = w[op.weights["down"]]
+    panels = [None] if wd.dtype == "F32" else _halvings(default_panel_rows(wd.shape[1], wd.shape[0]), 32)
+    out = []
+    for i in range(max(len(rows), len(panels))):
+        d = {}
+        if i:
+            d["row_chunk"] = rows[min(i, len(rows) - 1)]
+            p = panels[min(i, len(panels) - 1)]
+            if p is not None:
+                d["panel_rows"] = p
+        out.append(d)
+    return out
+
+
+def _mlp_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    n, dx, inner, width = _mlp_dims(graph, op, w)
+    rows = _mlp_rows(n, width, params)
+    total = F32 * rows * inner  # hidden
+    if op.kind == "mlp" and "up_mul" in op.weights:
+        total += F32 * rows * inner  # the gated product
+    if op.kind == "parallel_mlp":
+        total += F32 * rows * width  # concat(attn, mlp) rows
+    panels = 0
+    for role in ("up", "up_mul", "down"):
+        if role in op.weights and w[op.weights[role]].dtype != "F32":
+            nn, kk = w[op.weights[role]].shape[:2]
+            panel = params.get("panel_rows") or default_panel_rows(kk, nn)
+            panels = max(panels, linear_scratch_bytes(kk, min(panel, nn), linear_workers()))
+    return total + panels + sum(
+        F32 * w[k].shape[0] for r, k in op.weights.items() if r.endswith("_bias"))
+
+
 def _embedding_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
     meta = w[op.weights["weight"]]
     rows = prod(graph.tensors[op.inputs[0]])
@@ -180,12 +235,24 @@ SCRATCH: dict[str, Scratch] = {
     "timestep_embedding": _nothing,
     "pool_eos": _nothing,
     "scale": _nothing,
+    "mlp": _mlp_scratch,
+    "parallel_mlp": _mlp_scratch,
+    "prefix_attention": lambda g, op, w, p: _attention_scratch(g, op, w, p) + F32 * op.attrs["heads"] * (
+        g.tensors[op.inputs[0]][1] + g.tensors[op.inputs[1]][1] + 16),
+    "gated_add": _nothing,
+    "slice": _nothing,
+    "head_norm": _small_vectors,
+    "rope_freqs": _nothing,
+    "t5_rel_bias": _nothing,
 }
 
 OPTIONS: dict[str, Options] = {
     "linear": _linear_options,
     "conv2d": _conv_options,
     "attention": _attention_options,
+    "prefix_attention": _attention_options,
+    "mlp": _mlp_options,
+    "parallel_mlp": _mlp_options,
 }
 
 
