@@ -26,7 +26,7 @@ from .weights.store import WeightStore
 class StreamedModel:
     """A component of a checkpoint, run layer by layer. Graphs are built per input shape."""
 
-    def __init__(self, ckpt: Checkpoint, comp: Component, memory_budget: int | None,
+    def __init__(self, ckpt: Checkpoint, comp: Component, memory_budget: int | str | None,
                  baseline: int | None = None, scratch_dir: str | None = None) -> None:
         self.checkpoint = ckpt
         self.component = comp
@@ -228,7 +228,8 @@ MODEL_CLASSES: dict[str, type[StreamedModel]] = {
 def load(path: str | Path, component: str | None = None, memory_budget: str | int | None = None,
          variant: str | None = None, *, baseline: int | None = None, scratch_dir: str | None = None) -> StreamedModel:
     """Open ``path`` (file, component folder or pipeline folder) and return one component, ready
-    to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound).
+    to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound,
+    the fastest schedule; "min" = the smallest-footprint schedule).
 
     ``baseline``: bytes of the process that are not the model's (default: measured — this
     process's RSS with the kernels loaded). Pass 0 to give the model ``memory_budget`` for its
@@ -239,5 +240,5 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
     cls = MODEL_CLASSES.get(comp.name)
     if cls is None:
         raise StreamexecError(f"component {comp.name!r} cannot be run yet (supported: {', '.join(MODEL_CLASSES)})")
-    budget = None if memory_budget is None else parse_size(memory_budget)
+    budget = memory_budget if memory_budget in (None, "min") else parse_size(memory_budget)
     return cls(ckpt, comp, budget, baseline, scratch_dir)

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps recorded in the plan")
     p.add_argument(
         "--memory-budget", default=None, metavar="SIZE",
-        help="peak RSS of the whole process, e.g. 512M, 1G, or 'auto'",
+        help="peak RSS of the whole process, e.g. 512M, 1G; 'auto' (cgroup limit or available RAM "
+        "minus 10%%) or 'min' (the smallest-footprint schedule); default: no bound",
     )
     p.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default plan.yaml)")
     p.add_argument(
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--latents-out", help="write the final latents (.npy)")
     r.add_argument("--resume", action="store_true", help="continue from --latents-out checkpoints")
     r.add_argument("--trace", help="write a per-op trace (JSON)")
+    r.add_argument("--scratch-dir", help="where activations that do not fit are spilled (default: the temp folder)")
     r.add_argument("--strict", action="store_true", help="abort if RSS exceeds the budget")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
@@ -116,15 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def budget_arg(text: str | None) -> int | None:
+def budget_arg(text: str | None) -> int | str | None:
     """``--memory-budget``: a size, ``auto`` (the cgroup limit or available RAM, minus a margin),
-    or nothing (no bound)."""
+    ``min`` (the smallest-footprint schedule), or nothing (no bound: the fastest schedule)."""
     if text is None:
         return None
     if text == "auto":
         from .runtime.process import auto_budget
 
         return auto_budget()
+    if text == "min":
+        return text  # type: ignore[return-value]
     return parse_size(text)
 
 
@@ -167,7 +171,8 @@ def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
         print(f"{name:<15} {len(cp.graph.ops):>5} ops  {len(f.schedule.units):>5} units  "
               f"{cp.flops / 1e9:>10.1f} GFLOP  weights {format_size(cp.weight_bytes):>11}  "
               f"peak {format_size(f.peak):>11}  smallest budget {format_size(f.min_budget)}")
-    print(f"wrote {args.output}: budget {format_size(budget) if budget else 'none'}, planned peak "
+    shown = budget if budget in (None, "min") else format_size(budget)
+    print(f"wrote {args.output}: budget {shown or 'none'}, planned peak "
           f"{format_size(plan.peak)} (process baseline {format_size(baseline)}); "
           f"'streamexec inspect {args.output}' shows every layer")
     return 0

@@ -13,8 +13,9 @@ the cheapest way to stay under the budget, in this order of preference:
 1. the unit whole, the next unit's weights mapped in ahead (``populate``);
 2. one streaming unit per op (only one op's weights resident), next op mapped ahead;
 3. per op, the next op's weights only read ahead into the page cache (``readahead``: no RSS);
-4. activations not needed soon written to a scratch file (farthest next use first) and read
-   back before their next use;
+4. activations not needed soon written to a scratch file (farthest next use first), read back
+   band by band by the op that needs them where it can (concat, add, residual inputs), else
+   whole just before it;
 5. smaller kernel parameters (row chunks, weight panels, attention tiles, conv bands).
 
 If even the smallest choices do not fit, nothing runs: ``BudgetError`` says the smallest budget
@@ -29,6 +30,7 @@ from ..errors import BudgetError
 from ..models.graph import Graph
 from ..runtime.executor import Schedule
 from ..runtime.process import SAFETY_MARGIN
+from ..runtime.spill import BAND_ELEMS, streamable
 from ..sizes import format_size
 from .memory import WeightTable, op_scratch, out_bytes, param_options
 
@@ -93,6 +95,7 @@ class _Walk:
         self.params: dict[int, dict] = {}
         self.spill_after: dict[int, list[str]] = {}
         self.reload_before: dict[int, list[str]] = {}
+        self.stream_inputs: dict[int, list[str]] = {}
         self.memory: list[OpMemory] = [OpMemory() for _ in graph.ops]
         self.failed: list[int] = []
 
@@ -111,28 +114,41 @@ class _Walk:
 
     def _snapshot(self):
         return (dict(self.live), dict(self.last_touch), dict(self.spilled),
-                {k: list(v) for k, v in self.spill_after.items()}, {k: list(v) for k, v in self.reload_before.items()})
+                {k: list(v) for k, v in self.spill_after.items()}, {k: list(v) for k, v in self.reload_before.items()},
+                {k: list(v) for k, v in self.stream_inputs.items()})
 
     def _restore(self, snap) -> None:
-        self.live, self.last_touch, self.spilled, self.spill_after, self.reload_before = snap
+        self.live, self.last_touch, self.spilled, self.spill_after, self.reload_before, self.stream_inputs = snap
 
     # -- one op ----------------------------------------------------------------------------------
     def op(self, i: int, weights: int, prefetch: int, flexible: bool) -> bool:
         """Account op ``i``; with ``flexible`` spill and shrink as needed. False if over budget."""
         g, op = self.g, self.g.ops[i]
+        band = 0
         for t in dict.fromkeys(op.inputs):
-            if t in self.spilled:  # read back before the op
+            if t not in self.spilled:
+                continue
+            if all(streamable(op.kind, p, op.attrs) for p, u in enumerate(op.inputs) if u == t):
+                self.stream_inputs.setdefault(i, []).append(t)  # the op reads it band by band
+                if op.kind in ("add", "conv2d"):  # these combine it through a band buffer
+                    band = max(band, min(BAND_ELEMS * 4, self.spilled[t]))
+            else:  # read back whole before the op
                 self.live[t] = self.spilled.pop(t)
                 self.reload_before.setdefault(i, []).append(t)
         out = out_bytes(g, op.output)
         options = param_options(g, op, self.w) if flexible else [{}]
-        fixed = self.base + weights + prefetch + out
+        fixed = self.base + weights + prefetch + out + band
         needed = set(op.inputs)
         spillable = sorted(
             (t for t in self.live if t not in needed and t not in self.pinned and self.live[t] > 0),
             key=lambda t: -self.next_use(t, i),
         )
-        spill_room = sum(self.live[t] for t in spillable) if flexible else 0
+        # inputs this op could read band by band from disk are the last resort
+        spillable += [t for t in dict.fromkeys(op.inputs) if t in self.live and t not in self.pinned
+                      and all(streamable(op.kind, p, op.attrs) for p, u in enumerate(op.inputs) if u == t)]
+        band_of = {t: (min(BAND_ELEMS * 4, self.live[t]) if op.kind in ("add", "conv2d") else 0)
+                   for t in spillable if t in needed}
+        spill_room = sum(self.live[t] - band_of.get(t, 0) for t in spillable) if flexible else 0
         live_total = sum(self.live.values())
         budget = 0 if self.minimal else self.budget
         chosen, scratch = options[-1], op_scratch(g, op, self.w, options[-1])
@@ -148,16 +164,20 @@ class _Walk:
             for t in spillable if flexible else ():
                 if over <= 0:
                     break
+                extra = max(0, band_of.get(t, 0) - band)
                 b = self.live.pop(t)
                 self.spilled[t] = b
-                over -= b
+                over -= b - extra
+                band += extra
                 self.spill_after.setdefault(self.last_touch.get(t, -1), []).append(t)
+                if t in needed:
+                    self.stream_inputs.setdefault(i, []).append(t)
         if chosen:
             self.params[i] = chosen
         mem = self.memory[i]
         mem.baseline, mem.weights, mem.prefetch = self.base, weights, prefetch
         mem.activations = sum(self.live.values())
-        mem.output, mem.scratch = out, scratch
+        mem.output, mem.scratch = out, scratch + band
         mem.spilled = sum(self.spilled.values())
         # after the op: its output is alive, inputs at their last use are freed
         self.live[op.output] = out
@@ -225,7 +245,7 @@ class _Walk:
     def schedule(self) -> Schedule:
         spill_after = {k: v for k, v in self.spill_after.items() if k >= 0}
         return Schedule(self.units, self.params, self.prefetch, spill_after, self.reload_before,
-                        {i: m.total for i, m in enumerate(self.memory)})
+                        {i: m.total for i, m in enumerate(self.memory)}, self.stream_inputs)
 
 
 def minimum_budget(graph: Graph, weights: WeightTable, baseline: int) -> tuple[int, int]:
@@ -237,9 +257,17 @@ def minimum_budget(graph: Graph, weights: WeightTable, baseline: int) -> tuple[i
     return (max(totals) if totals else baseline + SAFETY_MARGIN), worst
 
 
-def fit_schedule(graph: Graph, weights: WeightTable, budget: int | None, baseline: int) -> Fit:
+def fit_schedule(graph: Graph, weights: WeightTable, budget: int | str | None, baseline: int) -> Fit:
     """The schedule to run ``graph`` within ``budget`` bytes of peak RSS (None: unbounded, the
-    fastest schedule), given the process ``baseline``. Raises ``BudgetError`` when nothing fits."""
+    fastest schedule; "min": the smallest footprint, every choice at its smallest — one op per
+    unit, no mapping ahead, every activation that can wait on disk, the smallest chunks), given
+    the process ``baseline``. Raises ``BudgetError`` when nothing fits."""
+    if budget == "min":
+        walk = _Walk(graph, weights, 0, baseline + SAFETY_MARGIN, minimal=True)
+        walk.run()
+        peak = max((m.total for m in walk.memory), default=baseline + SAFETY_MARGIN)
+        return Fit(walk.schedule(), walk.memory, peak, baseline, peak, peak, walk.unit_names)
+    assert budget is None or isinstance(budget, int)
     minimum, worst = minimum_budget(graph, weights, baseline)
     walk = _Walk(graph, weights, budget, baseline + SAFETY_MARGIN, minimal=False)
     walk.run()

@@ -25,6 +25,8 @@ def _notes(o: dict) -> str:
         parts.append(f"band {p['band_rows']}")
     if o.get("reload_before"):
         parts.append(f"reload {len(o['reload_before'])}")
+    if o.get("stream_inputs"):
+        parts.append(f"stream {len(o['stream_inputs'])}")
     if o.get("spill_after"):
         parts.append(f"spill {len(o['spill_after'])}")
     return ", ".join(parts)

@@ -89,6 +89,8 @@ def _linear_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
     if meta.dtype != "F32":
         panel = params.get("panel_rows") or default_panel_rows(k, n)
         total += linear_scratch_bytes(k, min(panel, n), linear_workers())
+    if len(op.inputs) > 1:  # a residual accumulated in place uses a ~1 MiB tile per worker
+        total += linear_workers() * (1 << 20) + F32 * n
     return total
 
 

@@ -54,7 +54,7 @@ class Plan:
     checkpoint_root: str
     variant: str | None
     files: list[dict]
-    budget: int | None
+    budget: int | str | None
     baseline: int
     workers: int
     shape: RunShape
@@ -72,7 +72,7 @@ class Plan:
         return max((c.fit.min_budget for c in self.components.values()), default=self.baseline)
 
 
-def plan_components(ckpt: Checkpoint, names: list[str], shape: RunShape, budget: int | None, baseline: int,
+def plan_components(ckpt: Checkpoint, names: list[str], shape: RunShape, budget: int | str | None, baseline: int,
                     steps: int | None = None, vae_mode: str = "decode", variant: str | None = None) -> Plan:
     """Build and fit every named component of ``ckpt`` for a run of ``shape``."""
     from ..kernels.attention import kernel_workers
@@ -124,6 +124,8 @@ def _op_dict(i: int, op: Op, graph: Graph, cost: OpCost, mem: OpMemory, sched: S
         d["spill_after"] = list(sched.spill_after[i])
     if sched.reload_before.get(i):
         d["reload_before"] = list(sched.reload_before[i])
+    if sched.stream_inputs.get(i):
+        d["stream_inputs"] = list(sched.stream_inputs[i])
     return d
 
 
@@ -163,7 +165,8 @@ def plan_to_dict(plan: Plan) -> dict:
         "checkpoint": {"root": plan.checkpoint_root, "variant": plan.variant, "files": plan.files},
         "run": {"height": plan.shape.height, "width": plan.shape.width, "batch": plan.shape.batch,
                 "text_len": plan.shape.text_len, "cfg": plan.shape.cfg, "steps": plan.steps},
-        "memory": {"budget_bytes": plan.budget, "baseline_bytes": plan.baseline, "peak_bytes": plan.peak,
+        "memory": {"budget_bytes": plan.peak if plan.budget == "min" else plan.budget,
+                   "baseline_bytes": plan.baseline, "peak_bytes": plan.peak,
                    "min_budget_bytes": plan.min_budget, "workers": plan.workers},
         "components": comps,
     }
@@ -233,6 +236,7 @@ def graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
     spill_after: dict[int, list[str]] = {}
     reload_before: dict[int, list[str]] = {}
     planned: dict[int, int] = {}
+    stream: dict[int, list[str]] = {}
     for i, o in enumerate(ops):
         w = f"{where}.ops[{i}]"
         if not isinstance(o, dict):
@@ -254,6 +258,8 @@ def graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
             spill_after[i] = [str(t) for t in o["spill_after"]]
         if o.get("reload_before"):
             reload_before[i] = [str(t) for t in o["reload_before"]]
+        if o.get("stream_inputs"):
+            stream[i] = [str(t) for t in o["stream_inputs"]]
         planned[i] = int((o.get("memory") or {}).get("total", 0))
     graph.outputs = [str(t) for t in _need(c, "outputs", list, where)]
     for t in graph.outputs:
@@ -273,7 +279,7 @@ def graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
         expect = last + 1
     if expect != len(ops):
         raise PlanError(f"plan: {where}.units leave ops {expect}..{len(ops) - 1} out")
-    return graph, Schedule(units, params, modes, spill_after, reload_before, planned), ops
+    return graph, Schedule(units, params, modes, spill_after, reload_before, planned, stream), ops
 
 
 def check_checkpoint(d: dict, ckpt: Checkpoint) -> None:

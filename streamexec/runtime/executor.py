@@ -18,7 +18,7 @@ from ..models.graph import Graph
 from ..weights.store import WeightStore
 from .ops import OPS, OpContext
 from .process import current_rss, peak_rss, reset_peak_rss, tune_malloc
-from .spill import SpillStore
+from .spill import Spilled, SpillStore
 
 #: How the weights of the next unit are loaded while a unit computes: "populate" maps them into
 #: the process (costs RSS, no page faults later), "readahead" only asks the kernel to read them
@@ -31,7 +31,8 @@ class Schedule:
     """How to run a graph, as the planner decided: ops grouped into streaming units; per unit how
     the next unit's weights are loaded meanwhile; per op kernel parameters (row_chunk,
     panel_rows, q_tile, k_tile, band_rows); which activations go to disk after an op and come
-    back before one; and the planned peak bytes of each op (for the trace)."""
+    back whole before one, or are read back band by band by the op itself (``stream_inputs``);
+    and the planned peak bytes of each op (for the trace)."""
 
     units: list[list[int]]
     op_params: dict[int, dict] = field(default_factory=dict)
@@ -39,6 +40,7 @@ class Schedule:
     spill_after: dict[int, list[str]] = field(default_factory=dict)
     reload_before: dict[int, list[str]] = field(default_factory=dict)
     planned_bytes: dict[int, int] = field(default_factory=dict)
+    stream_inputs: dict[int, list[str]] = field(default_factory=dict)
 
     def prefetch_mode(self, u: int) -> str:
         return "populate" if self.prefetch is None else self.prefetch[u]
@@ -170,8 +172,10 @@ class Executor:
         fn = OPS.get(op.kind)
         if fn is None:
             raise StreamexecError(f"op {op.name}: unknown kind {op.kind!r}")
+        streamed = self.schedule.stream_inputs.get(i, ())
         try:
-            args = [env[t] for t in op.inputs]
+            args = [Spilled(spills, t, self.graph.tensors[t])  # type: ignore[arg-type]
+                    if t in streamed and t not in env else env[t] for t in op.inputs]
         except KeyError as e:
             raise StreamexecError(f"op {op.name}: input {e.args[0]!r} is not available (spilled and not "
                                   "reloaded, or freed too early: a broken schedule)") from None

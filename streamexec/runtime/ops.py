@@ -17,6 +17,7 @@ from ..kernels.linear import geglu, linear
 from ..kernels.norms import group_norm, layer_norm, rms_norm
 from ..models.graph import Op
 from ..weights.store import WeightStore
+from .spill import BAND_ELEMS, Spilled
 
 
 @dataclass
@@ -46,14 +47,19 @@ def op_linear(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, 
     x = _rows(args[0])
     w = ctx.weight(op, "weight")
     b = ctx.weight(op, "bias")
-    residual = _rows(args[1]) if len(args) > 1 else None
+    residual = _rows(args[1]) if len(args) > 1 and not isinstance(args[1], Spilled) else None
+    out = None
+    if len(args) > 1 and isinstance(args[1], Spilled):  # residual read from disk into the output,
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)  # then accumulated in place
+        args[1].read_into(out)
+        residual = out
     row_chunk = ctx.params.get("row_chunk")
     if op.attrs.get("gate") == "geglu":  # the 2I-wide projection exists one row chunk at a time
         return geglu(x, w.array, w.dtype, None if b is None else b.array, None if b is None else b.dtype,
                      row_chunk=row_chunk, panel_rows=ctx.params.get("panel_rows")).reshape(shape)
     y = linear(
         x, w.array, w.dtype, None if b is None else b.array, None if b is None else b.dtype,
-        row_chunk=row_chunk, panel_rows=ctx.params.get("panel_rows"),
+        out=out, row_chunk=row_chunk, panel_rows=ctx.params.get("panel_rows"),
         residual=residual, activation=op.attrs.get("activation"),
     )
     return y.reshape(shape)
@@ -68,8 +74,21 @@ def op_conv2d(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, 
         band_rows=ctx.params.get("band_rows"), panel_rows=ctx.params.get("panel_rows"),
     )
     if len(args) > 1:
-        act.add_(y, np.ascontiguousarray(args[1]))
+        _add_into(y, args[1])
     return y
+
+
+def _add_into(y: np.ndarray, b) -> None:
+    """y += b, where b is an array or a spilled tensor read back band by band."""
+    if not isinstance(b, Spilled):
+        act.add_(y, np.ascontiguousarray(b))
+        return
+    flat = y.reshape(-1)
+    band = np.empty(min(BAND_ELEMS, flat.size), np.float32)
+    for s0 in range(0, flat.size, band.size):
+        n = min(band.size, flat.size - s0)
+        b.read_into(band[:n], s0)
+        act.add_(flat[s0 : s0 + n], band[:n])
 
 
 def op_group_norm(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
@@ -117,6 +136,16 @@ _BROADCAST = {None: lambda b: b, "nchw": lambda b: b[:, :, None, None], "tokens"
 
 def op_add(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     a, b = args
+    if isinstance(a, Spilled) or isinstance(b, Spilled):  # no broadcasting here (planner's rule)
+        if isinstance(a, Spilled):
+            a, b = b, a
+        out = np.empty(shape, np.float32)
+        if isinstance(a, Spilled):  # both on disk
+            a.read_into(out)
+        else:
+            np.copyto(out, a)
+        _add_into(out, b)
+        return out
     return np.add(a, _BROADCAST[op.attrs.get("broadcast")](b), dtype=np.float32)
 
 
@@ -125,7 +154,22 @@ def op_unary(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, .
 
 
 def op_concat(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    return np.concatenate(args, axis=op.attrs["axis"])
+    if not any(isinstance(a, Spilled) for a in args):
+        return np.concatenate(args, axis=op.attrs["axis"])
+    axis = op.attrs["axis"] % len(shape)
+    out = np.empty(shape, np.float32)
+    outer = int(np.prod(shape[:axis]))
+    o2 = out.reshape(outer, -1)
+    off = 0
+    for a in args:  # each input's slot of every outer row is contiguous: read spilled ones straight in
+        width = int(np.prod(a.shape[axis:]))
+        if isinstance(a, Spilled):
+            for r in range(outer):
+                a.read_into(o2[r, off : off + width], r * width)
+        else:
+            o2[:, off : off + width] = np.ascontiguousarray(a).reshape(outer, width)
+        off += width
+    return out
 
 
 def op_to_tokens(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:

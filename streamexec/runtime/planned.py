@@ -60,7 +60,8 @@ class PlannedRun:
                 graph, schedule, _ = graph_from_dict(name, c)
                 check_weights(graph, self.checkpoint, name)
                 store = self.checkpoint.store(name)
-                if base > planned_base + (8 << 20) or (memory_budget is not None and memory_budget != mem.get("budget_bytes")):
+                budget_changed = memory_budget is not None and memory_budget != mem.get("budget_bytes")
+                if base > planned_base + (8 << 20) or budget_changed:
                     # this process is bigger than the planning one (or the budget changed): re-fit
                     schedule = fit_schedule(graph, weight_table(store), budget, base).schedule
                     self.notes.append(f"{name}: re-planned for a process baseline of {base >> 20} MiB "

@@ -22,6 +22,35 @@ class SpillError(StreamexecError):
     """Writing or reading a spilled activation failed (disk full, scratch folder gone)."""
 
 
+class Spilled:
+    """Stands in for an op input that stays on disk: the op reads it band by band (``read_into``)
+    instead of the executor loading it whole. Only ops listed in ``STREAMABLE`` receive one."""
+
+    def __init__(self, store: SpillStore, name: str, shape: tuple[int, ...]) -> None:
+        self.store, self.name, self.shape = store, name, tuple(shape)
+        self.size = int(np.prod(self.shape)) if self.shape else 1
+
+    def read_into(self, dst: np.ndarray, offset: int = 0) -> None:
+        self.store.read_into(self.name, dst, offset)
+
+
+#: Band size for ops that combine a spilled input chunk by chunk (elements of f32: 4 MiB).
+BAND_ELEMS = 1 << 20
+
+
+def streamable(kind: str, position: int, attrs: dict) -> bool:
+    """Can input ``position`` of an op of ``kind`` be read back band by band from disk?
+    concat (any input: read straight into its slot of the output), add without broadcasting
+    (either side), and the residual input of linear and conv2d."""
+    if kind == "concat":
+        return True
+    if kind == "add":
+        return not attrs.get("broadcast") and position in (0, 1)
+    if kind in ("linear", "conv2d"):
+        return position == 1 and not attrs.get("gate")
+    return False
+
+
 class SpillStore:
     """Spilled activations by tensor name, in a private temporary folder."""
 
@@ -87,6 +116,27 @@ class SpillStore:
             raise SpillError(f"cannot read spilled activation {name!r} back from {path}: {e.strerror}") from None
         self.bytes_read += out.nbytes
         return out
+
+    def read_into(self, name: str, dst: np.ndarray, offset: int = 0) -> None:
+        """Read elements ``offset .. offset + dst.size`` of a spilled tensor (C order) straight into
+        the contiguous array ``dst``: a band read back with no intermediate copy."""
+        path, _shape, dtype = self._files[name]
+        itemsize = np.dtype(dtype).itemsize
+        buf = memoryview(dst.reshape(-1).view(np.uint8))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                done = 0
+                while done < len(buf):
+                    n = os.preadv(fd, [buf[done:]], offset * itemsize + done)
+                    if not n:
+                        raise OSError(errno.EIO, "file shorter than written")
+                    done += n
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise SpillError(f"cannot read spilled activation {name!r} back from {path}: {e.strerror}") from None
+        self.bytes_read += dst.nbytes
 
     def drop(self, name: str) -> None:
         entry = self._files.pop(name, None)
