@@ -35,7 +35,9 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionMode
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
-REFERENCE = Path("/work/shared/reference")
+from streamexec.configs import REFERENCE_DIR  # noqa: E402  (the published configs, shipped)
+
+REFERENCE = REFERENCE_DIR
 FILE = "model.safetensors"
 
 # ----------------------------------------------------------------------------------------- helpers

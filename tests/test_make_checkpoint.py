@@ -35,7 +35,9 @@ from test_layouts import flux_converter  # noqa: E402  (diffusers' BFL converter
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "make_checkpoint.py"
-REFERENCE = ROOT.parent / "shared" / "reference"
+from streamexec.configs import REFERENCE_DIR  # noqa: E402  (the published configs, shipped)
+
+REFERENCE = REFERENCE_DIR
 _spec = importlib.util.spec_from_file_location("make_checkpoint", TOOL)
 mc = sys.modules.setdefault("make_checkpoint", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(mc)

@@ -10,7 +10,6 @@ drive it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -34,7 +33,9 @@ diffusers = pytest.importorskip("diffusers")
 # diffusers' np.array(tensor) under numpy 2: noise from the reference, not from streamexec
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+from streamexec.configs import REFERENCE_DIR  # noqa: E402  (the published configs, shipped)
+
+REFERENCE = REFERENCE_DIR
 SD15 = json.loads((REFERENCE / "sd15" / "scheduler" / "scheduler_config.json").read_text())
 FLUX_SCHNELL = json.loads((REFERENCE / "flux-schnell" / "scheduler" / "scheduler_config.json").read_text())
 FLUX_DEV = json.loads((REFERENCE / "flux-dev" / "scheduler" / "scheduler_config.json").read_text())

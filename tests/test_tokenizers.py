@@ -1,6 +1,6 @@
 """Prompt tokenizers: ids must equal transformers' CLIPTokenizer / T5TokenizerFast on tricky prompts.
 
-CLIP uses the real SD 1.5 tokenizer files from ../shared/reference. No T5 tokenizer file ships there,
+CLIP uses the real SD 1.5 tokenizer files shipped in streamexec/configs. No T5 tokenizer file ships there,
 so the T5 tests train a small SentencePiece-style Unigram vocabulary with the ``tokenizers`` library,
 let transformers build a ``T5TokenizerFast`` from it and save it, and compare against that.
 """
@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamexec.configs import REFERENCE_DIR
 from streamexec.errors import StreamexecError
 from streamexec.pipelines.tokenizers import CLIPTokenizer, PromptTruncatedWarning, T5Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = REFERENCE_DIR  # the published SD 1.5 tokenizer files, shipped in streamexec/configs
 SD15 = REFERENCE / "sd15"
 SD15_TOKENIZER = SD15 / "tokenizer"
 

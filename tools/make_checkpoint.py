@@ -29,7 +29,7 @@ OUT is the folder to create (``diffusers``, ``pipeline``), or for the single-fil
 ``.safetensors`` path or a folder that gets the usual file name. Output is atomic (a hidden
 partial file/folder renamed at the end); an existing OUT needs ``--force``.
 
-Presets: ``sd15``, ``flux-schnell``, ``flux-dev`` (the real configs in ``../shared/reference``,
+Presets: ``sd15``, ``flux-schnell``, ``flux-dev`` (the real configs shipped in ``streamexec/configs``,
 or ``$STREAMEXEC_REFERENCE``) and ``tiny-sd15``, ``tiny-flux-schnell``, ``tiny-flux-dev`` (the same
 structure at test size; the tiny CLIP keeps the real 49408-token vocabulary). ``--config`` takes a
 diffusers/transformers ``config.json``, a component folder or a pipeline folder.
@@ -306,7 +306,9 @@ def _layout_keys() -> Any:
 
 
 def reference_dir() -> Path:
-    return Path(os.environ.get("STREAMEXEC_REFERENCE") or ROOT.parent / "shared" / "reference")
+    from streamexec.configs import REFERENCE_DIR
+
+    return Path(os.environ.get("STREAMEXEC_REFERENCE") or REFERENCE_DIR)
 
 
 @dataclass
