@@ -257,3 +257,53 @@ def test_flux_and_t5_at_smallest_budget_match(tmp_path: Path) -> None:
     tight = streamexec.load(tmp_path / "t5", baseline=0, memory_budget="min")
     assert rel_err(tight(input_ids=ids.numpy()), tref) <= TOL
     assert _schedule_features(tight)["spills"] > 0
+
+
+VAE_WIDE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(64, 128, 256, 256),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=1, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False)
+
+VAE_RUNNER = r"""
+import json, sys
+import numpy as np
+import streamexec
+from streamexec.runtime.process import peak_rss
+path, budget, out = sys.argv[1], sys.argv[2], sys.argv[3]
+z = np.load(out + ".in.npy")
+m = streamexec.load(path, memory_budget=budget, scratch_dir=sys.argv[4])
+y = m.decode(z)
+hwm = peak_rss()
+np.save(out, y)
+s = m.last_fit.schedule
+print(json.dumps({"hwm": hwm, "baseline": m.last_fit.baseline, "peak": m.last_fit.peak,
+                  "budget": m.last_fit.budget, "disk_out": len(s.disk_out)}))
+"""
+
+
+def test_subprocess_vae_decode_with_feature_maps_on_disk(tmp_path: Path) -> None:
+    """512² decode whose 128 MiB feature maps cannot fit next to the process: the smallest budget
+    keeps them on disk, band by band; VmHWM stays under it and the image matches diffusers."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(**VAE_WIDE).eval()
+    randomize(model, 5)
+    model.save_pretrained(tmp_path / "vae")
+    z = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model.decode(z).sample
+    out = tmp_path / "img.npy"
+    np.save(str(out) + ".in.npy", z.numpy())
+    scratch = tmp_path / "scratch"
+    res = subprocess.run([sys.executable, "-c", VAE_RUNNER, str(tmp_path / "vae"), "min", str(out), str(scratch)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"VAE 512² decode: VmHWM {info['hwm'] / MiB:.1f} MiB, planned {info['peak'] / MiB:.1f} MiB, "
+          f"baseline {info['baseline'] / MiB:.1f} MiB, {info['disk_out']} ops wrote to disk")
+    biggest = 128 * 512 * 512 * 4  # the 128-channel map at 512²
+    assert info["budget"] - info["baseline"] < biggest  # one such map cannot be in RAM
+    assert info["disk_out"] > 0
+    assert info["hwm"] <= info["budget"], info
+    assert rel_err(np.load(out), ref) <= TOL
+    assert list(scratch.iterdir()) == []

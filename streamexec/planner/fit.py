@@ -30,9 +30,9 @@ from ..errors import BudgetError
 from ..models.graph import Graph
 from ..runtime.executor import Schedule
 from ..runtime.process import SAFETY_MARGIN
-from ..runtime.spill import BAND_ELEMS, streamable
+from ..runtime.spill import BAND_ELEMS, banded_output, streamable
 from ..sizes import format_size
-from .memory import WeightTable, op_scratch, out_bytes, param_options
+from .memory import WeightTable, ooc_scratch, op_scratch, out_bytes, param_options
 
 
 @dataclass
@@ -96,6 +96,7 @@ class _Walk:
         self.spill_after: dict[int, list[str]] = {}
         self.reload_before: dict[int, list[str]] = {}
         self.stream_inputs: dict[int, list[str]] = {}
+        self.disk_out: set[int] = set()
         self.memory: list[OpMemory] = [OpMemory() for _ in graph.ops]
         self.failed: list[int] = []
 
@@ -115,10 +116,11 @@ class _Walk:
     def _snapshot(self):
         return (dict(self.live), dict(self.last_touch), dict(self.spilled),
                 {k: list(v) for k, v in self.spill_after.items()}, {k: list(v) for k, v in self.reload_before.items()},
-                {k: list(v) for k, v in self.stream_inputs.items()})
+                {k: list(v) for k, v in self.stream_inputs.items()}, set(self.disk_out))
 
     def _restore(self, snap) -> None:
-        self.live, self.last_touch, self.spilled, self.spill_after, self.reload_before, self.stream_inputs = snap
+        (self.live, self.last_touch, self.spilled, self.spill_after, self.reload_before, self.stream_inputs,
+         self.disk_out) = snap
 
     # -- one op ----------------------------------------------------------------------------------
     def op(self, i: int, weights: int, prefetch: int, flexible: bool) -> bool:
@@ -172,6 +174,27 @@ class _Walk:
                 self.spill_after.setdefault(self.last_touch.get(t, -1), []).append(t)
                 if t in needed:
                     self.stream_inputs.setdefault(i, []).append(t)
+            # still over: write the output straight to disk, band by band (conv2d, group_norm, add)
+            if (flexible and over > 0 and op.output not in self.pinned
+                    and banded_output(op.kind, op.attrs, g.tensors[op.output])):
+                self.disk_out.add(i)
+        banded = i in self.disk_out or (op.kind in ("conv2d", "group_norm") and op.inputs[0] in
+                                        self.stream_inputs.get(i, ()))
+        if banded:
+            scratch = ooc_scratch(g, op, self.w, chosen)
+            if i in self.disk_out:
+                out = 0
+            if budget is not None and flexible:  # spill more if the banded run is still over
+                over = self.base + weights + prefetch + out + band + sum(self.live.values()) + scratch - budget
+                for t in [t for t in spillable if t in self.live]:
+                    if over <= 0:
+                        break
+                    b = self.live.pop(t)
+                    self.spilled[t] = b
+                    over -= b
+                    self.spill_after.setdefault(self.last_touch.get(t, -1), []).append(t)
+                    if t in needed:
+                        self.stream_inputs.setdefault(i, []).append(t)
         if chosen:
             self.params[i] = chosen
         mem = self.memory[i]
@@ -179,8 +202,11 @@ class _Walk:
         mem.activations = sum(self.live.values())
         mem.output, mem.scratch = out, scratch + band
         mem.spilled = sum(self.spilled.values())
-        # after the op: its output is alive, inputs at their last use are freed
-        self.live[op.output] = out
+        # after the op: its output is alive (in RAM, or on disk), inputs at their last use are freed
+        if i in self.disk_out:
+            self.spilled[op.output] = out_bytes(g, op.output)
+        else:
+            self.live[op.output] = out
         for t in dict.fromkeys(op.inputs):
             self.last_touch[t] = i
             if self.next_use(t, i) >= len(g.ops) and t not in self.pinned:
@@ -245,7 +271,7 @@ class _Walk:
     def schedule(self) -> Schedule:
         spill_after = {k: v for k, v in self.spill_after.items() if k >= 0}
         return Schedule(self.units, self.params, self.prefetch, spill_after, self.reload_before,
-                        {i: m.total for i, m in enumerate(self.memory)}, self.stream_inputs)
+                        {i: m.total for i, m in enumerate(self.memory)}, self.stream_inputs, set(self.disk_out))
 
 
 def minimum_budget(graph: Graph, weights: WeightTable, baseline: int) -> tuple[int, int]:

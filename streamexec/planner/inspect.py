@@ -27,6 +27,10 @@ def _notes(o: dict) -> str:
         parts.append(f"reload {len(o['reload_before'])}")
     if o.get("stream_inputs"):
         parts.append(f"stream {len(o['stream_inputs'])}")
+    if o.get("output_on_disk"):
+        parts.append("out->disk")
+    if "ooc_rows" in p:
+        parts.append(f"bands of {p['ooc_rows']} rows")
     if o.get("spill_after"):
         parts.append(f"spill {len(o['spill_after'])}")
     return ", ".join(parts)

@@ -258,6 +258,33 @@ OPTIONS: dict[str, Options] = {
 }
 
 
+def ooc_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
+    """Bytes a banded (out-of-core) run of ``op`` allocates: its row bands of input, output and
+    residual, and for conv2d the kernel scratch over one band's input slab."""
+    from ..runtime.ops import ooc_rows
+
+    shape = graph.tensors[op.output]
+    rows = ooc_rows(shape, params)
+    if op.kind == "conv2d":
+        meta = w[op.weights["weight"]]
+        b, c, _, win = graph.tensors[op.inputs[0]]
+        _, co, _, wo = shape
+        k = meta.shape[2]
+        up = 2 if op.attrs.get("upsample") else 1
+        slab_rows = -(-(rows + k - 1) // up) + 1
+        slab = (b, c, slab_rows, win)
+        y_rows = slab_rows * up + k
+        total = F32 * b * c * slab_rows * win + F32 * b * co * (y_rows + 2 * rows) * wo
+        if len(op.inputs) > 1:
+            total += F32 * b * co * rows * wo
+        pad = tuple(op.attrs["pad"])
+        total += conv2d_scratch_bytes(slab, meta.shape, meta.dtype, pad=pad, upsample=bool(op.attrs.get("upsample")),
+                                      band_rows=params.get("band_rows"), panel_rows=params.get("panel_rows"))
+        return total + (F32 * co if "bias" in op.weights else 0)
+    per_row = out_bytes(graph, op.output) // max(1, shape[2 if len(shape) == 4 else 1])
+    return (2 if op.kind == "add" else 1) * rows * per_row + _small_vectors(graph, op, w, params)
+
+
 def op_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
     """Bytes ``op`` allocates besides its output with these kernel parameters. Kinds without a
     formula are charged one more output's worth (a conservative guess, never zero)."""

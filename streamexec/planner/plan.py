@@ -126,6 +126,8 @@ def _op_dict(i: int, op: Op, graph: Graph, cost: OpCost, mem: OpMemory, sched: S
         d["reload_before"] = list(sched.reload_before[i])
     if sched.stream_inputs.get(i):
         d["stream_inputs"] = list(sched.stream_inputs[i])
+    if i in sched.disk_out:
+        d["output_on_disk"] = True
     return d
 
 
@@ -237,6 +239,7 @@ def graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
     reload_before: dict[int, list[str]] = {}
     planned: dict[int, int] = {}
     stream: dict[int, list[str]] = {}
+    disk_out: set[int] = set()
     for i, o in enumerate(ops):
         w = f"{where}.ops[{i}]"
         if not isinstance(o, dict):
@@ -254,12 +257,16 @@ def graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
                             dict(o.get("attrs") or {}), str(o.get("unit", ""))))
         if o.get("params"):
             params[i] = {str(k): int(v) for k, v in dict(o["params"]).items()}
+            if any(v < 1 for v in params[i].values()):
+                raise PlanError(f"plan: {w}.params must be positive integers")
         if o.get("spill_after"):
             spill_after[i] = [str(t) for t in o["spill_after"]]
         if o.get("reload_before"):
             reload_before[i] = [str(t) for t in o["reload_before"]]
         if o.get("stream_inputs"):
             stream[i] = [str(t) for t in o["stream_inputs"]]
+        if o.get("output_on_disk"):
+            disk_out.add(i)
         planned[i] = int((o.get("memory") or {}).get("total", 0))
     graph.outputs = [str(t) for t in _need(c, "outputs", list, where)]
     for t in graph.outputs:
@@ -279,7 +286,7 @@ def graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
         expect = last + 1
     if expect != len(ops):
         raise PlanError(f"plan: {where}.units leave ops {expect}..{len(ops) - 1} out")
-    return graph, Schedule(units, params, modes, spill_after, reload_before, planned, stream), ops
+    return graph, Schedule(units, params, modes, spill_after, reload_before, planned, stream, disk_out), ops
 
 
 def check_checkpoint(d: dict, ckpt: Checkpoint) -> None:

@@ -32,7 +32,8 @@ class Schedule:
     the next unit's weights are loaded meanwhile; per op kernel parameters (row_chunk,
     panel_rows, q_tile, k_tile, band_rows); which activations go to disk after an op and come
     back whole before one, or are read back band by band by the op itself (``stream_inputs``);
-    and the planned peak bytes of each op (for the trace)."""
+    which ops write their output straight to disk, band by band (``disk_out``); and the planned
+    peak bytes of each op (for the trace)."""
 
     units: list[list[int]]
     op_params: dict[int, dict] = field(default_factory=dict)
@@ -41,6 +42,7 @@ class Schedule:
     reload_before: dict[int, list[str]] = field(default_factory=dict)
     planned_bytes: dict[int, int] = field(default_factory=dict)
     stream_inputs: dict[int, list[str]] = field(default_factory=dict)
+    disk_out: set[int] = field(default_factory=set)
 
     def prefetch_mode(self, u: int) -> str:
         return "populate" if self.prefetch is None else self.prefetch[u]
@@ -125,7 +127,7 @@ class Executor:
         sched = self.schedule
         units = sched.units
         store = self.store
-        spills = SpillStore(self.scratch_dir) if sched.spill_after else None
+        spills = SpillStore(self.scratch_dir) if (sched.spill_after or sched.disk_out) else None
         if units and sched.prefetch_mode(0) != "none":
             store.prefetch(self._unit_weights[0])  # the first unit: nothing to overlap with yet
         try:
@@ -180,14 +182,18 @@ class Executor:
             raise StreamexecError(f"op {op.name}: input {e.args[0]!r} is not available (spilled and not "
                                   "reloaded, or freed too early: a broken schedule)") from None
         shape = self.graph.tensors[op.output]
+        disk = spills.create(op.output, shape) if i in self.schedule.disk_out else None  # type: ignore[union-attr]
         t0 = time.perf_counter()
-        out = fn(OpContext(self.store, self.schedule.op_params.get(i, {})), op, args, shape)
+        out = fn(OpContext(self.store, self.schedule.op_params.get(i, {}), disk), op, args, shape)
         dt = time.perf_counter() - t0
         if tuple(out.shape) != tuple(shape):
             raise StreamexecError(f"op {op.name}: produced shape {list(out.shape)}, expected {list(shape)}")
-        if self.check_finite and out.size and not (np.isfinite(out.max()) and np.isfinite(out.min())):
+        if isinstance(out, Spilled):  # on disk: consumers stream it or the plan reloads it
+            pass
+        elif self.check_finite and out.size and not (np.isfinite(out.max()) and np.isfinite(out.min())):
             raise StreamexecError(f"op {op.name} ({op.kind}) produced NaN/Inf; stopping")
-        env[op.output] = out
+        else:
+            env[op.output] = out
         del args, out
         for t in set(op.inputs):
             if self._last_use.get(t) == i:

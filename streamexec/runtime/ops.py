@@ -14,18 +14,43 @@ from ..kernels.conv import conv2d
 from ..kernels.decode import decode_to_f32
 from ..kernels.embeddings import timestep_embedding
 from ..kernels.linear import geglu, linear
-from ..kernels.norms import group_norm, layer_norm, rms_norm
+from ..kernels.norms import (
+    group_norm,
+    group_norm_accumulate,
+    group_norm_apply,
+    group_norm_finalize,
+    layer_norm,
+    rms_norm,
+)
 from ..models.graph import Op
 from ..weights.store import WeightStore
-from .spill import BAND_ELEMS, Spilled
+from .spill import BAND_ELEMS, Spilled, put_rows, row_axis, rows_of
+
+#: Rows per band for ops that run out of core when the plan does not say (about 8 MiB of f32).
+OOC_TARGET_BYTES = 8 << 20
+
+
+def ooc_rows(shape: tuple[int, ...], params: dict) -> int:
+    """Rows per band of a banded op over a tensor of ``shape`` (the plan's ``ooc_rows``)."""
+    if params.get("ooc_rows"):
+        return int(params["ooc_rows"])
+    axis = row_axis(shape)
+    per_row = 4 * int(np.prod(shape)) // max(1, shape[axis])
+    return max(1, min(shape[axis], OOC_TARGET_BYTES // max(1, per_row)))
 
 
 @dataclass
 class OpContext:
-    """What an op implementation may use: the weights and the op's schedule parameters."""
+    """What an op implementation may use: the weights, the op's schedule parameters, and where
+    to put its output when the plan keeps it on disk (``out``: written band by band)."""
 
     store: WeightStore
     params: dict
+    out: Spilled | None = None
+
+    @property
+    def banded(self) -> bool:
+        return self.out is not None
 
     def weight(self, op: Op, role: str):
         key = op.weights.get(role)
@@ -66,6 +91,8 @@ def op_linear(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, 
 
 
 def op_conv2d(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    if ctx.banded or isinstance(args[0], Spilled):
+        return _conv2d_banded(ctx, op, args, shape)
     w = ctx.weight(op, "weight")
     b = ctx.weight(op, "bias")
     y = conv2d(
@@ -76,6 +103,44 @@ def op_conv2d(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, 
     if len(args) > 1:
         _add_into(y, args[1])
     return y
+
+
+def _conv2d_banded(ctx: OpContext, op: Op, args: list, shape: tuple[int, ...]):
+    """A stride-1 conv over output row bands: each band reads only the input rows it needs
+    (with the kernel's halo, through the fused 2x upsample), from RAM or from disk, and its
+    output rows go to RAM or straight to disk. The input map and the output map never need to
+    be in memory whole."""
+    x = args[0]
+    residual = args[1] if len(args) > 1 else None
+    w, b = ctx.weight(op, "weight"), ctx.weight(op, "bias")
+    k = int(w.shape[2])
+    pt, pb, pl, pr = (int(v) for v in op.attrs["pad"])
+    up = 2 if op.attrs.get("upsample") else 1
+    if op.attrs.get("stride", 1) != 1:
+        raise ValueError(f"{op.name}: banded conv2d needs stride 1")
+    h_eff = x.shape[2] * up
+    ho = shape[2]
+    out = ctx.out if ctx.out is not None else np.empty(shape, np.float32)
+    rows = ooc_rows(shape, ctx.params)
+    for o0 in range(0, ho, rows):
+        o1 = min(ho, o0 + rows)
+        e0, e1 = max(0, o0 - pt), min(h_eff, o1 - 1 - pt + k)
+        s0, s1 = e0 // up, -(-e1 // up)
+        a, bnd = s0 * up, s1 * up
+        top = pt if a == 0 else 0
+        bottom = pb if bnd >= h_eff else 0
+        y = conv2d(rows_of(x, s0, s1), w.array, w.dtype, None if b is None else b.array,
+                   None if b is None else b.dtype, pad=(top, bottom, pl, pr), upsample=up == 2,
+                   band_rows=ctx.params.get("band_rows"), panel_rows=ctx.params.get("panel_rows"))
+        j0 = o0 - (a + pt - top)
+        if j0 < 0 or j0 + (o1 - o0) > y.shape[2]:
+            raise AssertionError(f"{op.name}: band geometry {o0}:{o1} -> {j0} of {y.shape[2]}")
+        band = np.ascontiguousarray(y[:, :, j0 : j0 + (o1 - o0)])
+        del y
+        if residual is not None:
+            act.add_(band, rows_of(residual, o0, o1))
+        put_rows(out, o0, band)
+    return out
 
 
 def _add_into(y: np.ndarray, b) -> None:
@@ -92,10 +157,31 @@ def _add_into(y: np.ndarray, b) -> None:
 
 
 def op_group_norm(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    if ctx.banded or isinstance(args[0], Spilled):
+        return _group_norm_banded(ctx, op, args[0], shape)
     return group_norm(
         np.ascontiguousarray(args[0]), op.attrs["groups"], ctx.vector(op, "weight"), ctx.vector(op, "bias"),
         op.attrs["eps"], silu=op.attrs.get("silu", False),
     )
+
+
+def _group_norm_banded(ctx: OpContext, op: Op, x, shape: tuple[int, ...]):
+    """Two passes over row bands (from RAM or disk): statistics in f64, then normalise (+ SiLU)
+    each band into the output (RAM or disk)."""
+    groups, eps = op.attrs["groups"], op.attrs["eps"]
+    n, c, h, w = shape
+    rows = ooc_rows(shape, ctx.params)
+    acc = None
+    for r0 in range(0, h, rows):
+        acc = group_norm_accumulate(rows_of(x, r0, min(h, r0 + rows)), groups, acc)
+    mean, rstd = group_norm_finalize(acc, (c // groups) * h * w, eps)
+    mean, rstd = mean.reshape(n, groups), rstd.reshape(n, groups)
+    gamma, beta = ctx.vector(op, "weight"), ctx.vector(op, "bias")
+    out = ctx.out if ctx.out is not None else np.empty(shape, np.float32)
+    for r0 in range(0, h, rows):
+        band = rows_of(x, r0, min(h, r0 + rows))
+        put_rows(out, r0, group_norm_apply(band, mean, rstd, gamma, beta, silu=op.attrs.get("silu", False), out=band))
+    return out
 
 
 def op_layer_norm(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
@@ -136,6 +222,15 @@ _BROADCAST = {None: lambda b: b, "nchw": lambda b: b[:, :, None, None], "tokens"
 
 def op_add(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     a, b = args
+    if ctx.banded:  # output on disk: band by band from wherever the inputs are
+        rows = ooc_rows(shape, ctx.params)
+        ax = row_axis(shape)
+        for r0 in range(0, shape[ax], rows):
+            r1 = min(shape[ax], r0 + rows)
+            band = rows_of(a, r0, r1)
+            act.add_(band, rows_of(b, r0, r1))
+            put_rows(ctx.out, r0, band)
+        return ctx.out
     if isinstance(a, Spilled) or isinstance(b, Spilled):  # no broadcasting here (planner's rule)
         if isinstance(a, Spilled):
             a, b = b, a

@@ -33,6 +33,54 @@ class Spilled:
     def read_into(self, dst: np.ndarray, offset: int = 0) -> None:
         self.store.read_into(self.name, dst, offset)
 
+    def _geometry(self) -> tuple[int, int, int, int]:
+        axis = row_axis(self.shape)
+        outer = int(np.prod(self.shape[:axis]))
+        inner = int(np.prod(self.shape[axis + 1 :]))
+        return axis, outer, self.shape[axis], inner
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0:r1 along the row axis (H of [B, C, H, W], N of [B, N, D]) as a new array."""
+        axis, outer, h, inner = self._geometry()
+        out = np.empty((outer, r1 - r0, inner), np.float32)
+        for p in range(outer):
+            self.store.read_into(self.name, out[p], (p * h + r0) * inner)
+        return out.reshape(self.shape[:axis] + (r1 - r0,) + self.shape[axis + 1 :])
+
+    def write_rows(self, r0: int, band: np.ndarray) -> None:
+        """Write ``band`` (rows r0:r0+n along the row axis) into the tensor on disk."""
+        axis, outer, h, inner = self._geometry()
+        n = band.shape[axis]
+        if not np.isfinite(band).all():
+            raise StreamexecError(f"activation {self.name} got NaN/Inf (rows {r0}..{r0 + n}); stopping")
+        b3 = np.ascontiguousarray(band, dtype=np.float32).reshape(outer, n, inner)
+        for p in range(outer):
+            self.store.write_from(self.name, b3[p], (p * h + r0) * inner)
+
+
+def row_axis(shape: tuple[int, ...]) -> int:
+    """The axis banded ops step along: H of NCHW maps, N (tokens) of [B, N, D], else the first."""
+    return 2 if len(shape) == 4 else (1 if len(shape) == 3 else 0)
+
+
+def rows_of(x, r0: int, r1: int) -> np.ndarray:
+    """Rows r0:r1 of an array or a tensor on disk, C-contiguous."""
+    if isinstance(x, Spilled):
+        return x.read_rows(r0, r1)
+    idx = [slice(None)] * x.ndim
+    idx[row_axis(x.shape)] = slice(r0, r1)
+    return np.ascontiguousarray(x[tuple(idx)])
+
+
+def put_rows(out, r0: int, band: np.ndarray) -> None:
+    """Store ``band`` at rows r0.. of an array or a tensor on disk."""
+    if isinstance(out, Spilled):
+        out.write_rows(r0, band)
+        return
+    idx = [slice(None)] * out.ndim
+    idx[row_axis(out.shape)] = slice(r0, r0 + band.shape[row_axis(band.shape)])
+    out[tuple(idx)] = band
+
 
 #: Band size for ops that combine a spilled input chunk by chunk (elements of f32: 4 MiB).
 BAND_ELEMS = 1 << 20
@@ -41,13 +89,29 @@ BAND_ELEMS = 1 << 20
 def streamable(kind: str, position: int, attrs: dict) -> bool:
     """Can input ``position`` of an op of ``kind`` be read back band by band from disk?
     concat (any input: read straight into its slot of the output), add without broadcasting
-    (either side), and the residual input of linear and conv2d."""
+    (either side), the residual input of linear and conv2d, the main input of a stride-1 conv2d
+    and of group_norm (row bands with halos / two passes)."""
     if kind == "concat":
         return True
     if kind == "add":
         return not attrs.get("broadcast") and position in (0, 1)
-    if kind in ("linear", "conv2d"):
+    if kind == "linear":
         return position == 1 and not attrs.get("gate")
+    if kind == "conv2d":  # the input in row bands (stride 1), the residual band by band
+        return position == 1 or (position == 0 and attrs.get("stride", 1) == 1)
+    if kind == "group_norm":  # two passes over row bands: statistics, then normalise
+        return position == 0
+    return False
+
+
+def banded_output(kind: str, attrs: dict, shape: tuple[int, ...]) -> bool:
+    """Can an op of ``kind`` write its output straight to disk, band by band?"""
+    if kind == "conv2d":
+        return attrs.get("stride", 1) == 1
+    if kind == "group_norm":
+        return True
+    if kind == "add":
+        return not attrs.get("broadcast") and len(shape) in (3, 4)
     return False
 
 
@@ -137,6 +201,43 @@ class SpillStore:
         except OSError as e:
             raise SpillError(f"cannot read spilled activation {name!r} back from {path}: {e.strerror}") from None
         self.bytes_read += dst.nbytes
+
+    def create(self, name: str, shape: tuple[int, ...]) -> Spilled:
+        """A new f32 tensor that lives on disk from birth; ops write it band by band."""
+        if self.dir is None:
+            raise SpillError("the scratch folder is closed")
+        self._n += 1
+        path = self.dir / f"t{self._n:05d}.bin"
+        nbytes = int(np.prod(shape)) * 4
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except OSError as e:
+            raise SpillError(f"cannot create {path}: {e.strerror}") from None
+        self._files[name] = (path, tuple(shape), np.dtype(np.float32).str)
+        self.bytes_written += nbytes
+        self._disk += nbytes
+        self.peak_disk_bytes = max(self.peak_disk_bytes, self._disk)
+        return Spilled(self, name, tuple(shape))
+
+    def write_from(self, name: str, src: np.ndarray, offset: int = 0) -> None:
+        """Write the contiguous array ``src`` at element ``offset`` of a tensor on disk."""
+        path = self._files[name][0]
+        view = memoryview(np.ascontiguousarray(src).reshape(-1).view(np.uint8))
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset * 4 + done)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+            raise SpillError(
+                f"{what} while writing activation {name!r} to {self.dir}; free space there, point "
+                "--scratch-dir elsewhere, or raise --memory-budget"
+            ) from None
 
     def drop(self, name: str) -> None:
         entry = self._files.pop(name, None)
