@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -138,3 +139,21 @@ def test_too_small_budget_fails_before_writing(unet, tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "smallest that fits is" in err[0]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_trace_records_every_op(unet, tmp_path: Path) -> None:
+    import streamexec
+
+    path, _ = unet
+    m = streamexec.load(path)
+    m.trace = True
+    x = np.zeros((2, 4, 16, 16), np.float32)
+    m(x, 10.0, np.zeros((2, 7, 24), np.float32))
+    out = tmp_path / "trace.json"
+    m.last_executor.write_trace(out)
+    t = json.loads(out.read_text())
+    assert len(t["ops"]) == len(m.last_executor.graph.ops)
+    first = t["ops"][0]
+    assert set(first) >= {"name", "kind", "seconds", "weight_bytes", "rss_after", "peak_rss", "planned_bytes"}
+    convs = [o for o in t["ops"] if o["kind"] == "conv2d"]
+    assert all(o["weight_bytes"] > 0 and o["rss_after"] > 0 and o["seconds"] >= 0 for o in convs)
