@@ -6,6 +6,7 @@ black-forest-labs/FLUX.1-schnell and FLUX.1-dev); the CLIP BPE files are OpenAI'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).resolve().parent
@@ -17,3 +18,23 @@ def reference(name: str) -> Path:
     if name not in PRESETS:
         raise KeyError(f"no shipped reference {name!r} (have: {', '.join(PRESETS)})")
     return REFERENCE_DIR / name
+
+
+def default_config(component: str, tensors: dict) -> dict | None:
+    """The published config a single file of this component most likely comes from (single files
+    carry none): SD 1.5's UNet and CLIP, SD 1.5's or FLUX's VAE by its latent channels. The
+    builders still check every weight shape against it. FLUX and T5 single files get None: their
+    builders read depth and widths from the weights."""
+    if component in ("unet", "text_encoder"):
+        return _load(f"sd15/{component}")
+    if component == "vae":
+        conv_in = tensors.get("decoder.conv_in.weight")
+        latent = conv_in.shape[1] if conv_in is not None else 4
+        return _load("flux-schnell/vae" if latent == 16 else "sd15/vae")
+    return None
+
+
+def _load(rel: str) -> dict:
+    cfg = json.loads((REFERENCE_DIR / rel / "config.json").read_text())
+    cfg["_streamexec_default"] = f"streamexec/configs/{rel}/config.json"
+    return cfg

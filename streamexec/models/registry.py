@@ -73,12 +73,15 @@ def build_component(name: str, config: dict, weight_info: WeightInfo, shape: Run
 
         if h % 2 or w % 2:
             raise StreamexecError(f"FLUX needs height and width that are multiples of {2 * scale}")
-        txt = shape.text_len or (512 if config.get("guidance_embeds") else 256)
+        guided = config.get("guidance_embeds", weight_info("time_text_embed.guidance_embedder.linear_1.weight")
+                             is not None)
+        txt = shape.text_len or (512 if guided else 256)
         return build_flux_transformer(config, weight_info, batch=shape.batch, img_tokens=(h // 2) * (w // 2),
                                       txt_tokens=txt, where=where)
     if name == "text_encoder_2":
         from .t5 import build_t5_encoder
 
         txt = shape.text_len or (512 if (configs.get("transformer") or {}).get("guidance_embeds") else 256)
+        # (a lone T5 file: schnell's 256 tokens unless --text-len says otherwise)
         return build_t5_encoder(config, weight_info, batch=shape.batch, seq_len=txt, where=where)
     raise StreamexecError(f"component {name!r} cannot be planned (runnable: {', '.join(RUNNABLE)})")

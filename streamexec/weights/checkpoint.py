@@ -176,7 +176,9 @@ def _open_single_file(path: Path) -> Checkpoint:
     if not f.tensors:
         raise CheckpointError(path, "holds no tensors")
     result = detect_layout(_stored(f), str(path))
-    comps = {name: Component(name, result.layout, t) for name, t in result.components.items()}
+    from ..configs import default_config
+
+    comps = {name: Component(name, result.layout, t, default_config(name, t)) for name, t in result.components.items()}
     return Checkpoint(path, "file", files, comps, ignored=list(result.ignored))
 
 
