@@ -264,7 +264,7 @@ def ooc_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
     from ..runtime.ops import ooc_rows
 
     shape = graph.tensors[op.output]
-    rows = ooc_rows(shape, params)
+    rows = ooc_rows(shape, params, graph.tensors[op.inputs[0]] if op.kind == "conv2d" else None)
     if op.kind == "conv2d":
         meta = w[op.weights["weight"]]
         b, c, _, win = graph.tensors[op.inputs[0]]

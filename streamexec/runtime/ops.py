@@ -30,12 +30,15 @@ from .spill import BAND_ELEMS, Spilled, put_rows, row_axis, rows_of
 OOC_TARGET_BYTES = 8 << 20
 
 
-def ooc_rows(shape: tuple[int, ...], params: dict) -> int:
-    """Rows per band of a banded op over a tensor of ``shape`` (the plan's ``ooc_rows``)."""
+def ooc_rows(shape: tuple[int, ...], params: dict, in_shape: tuple[int, ...] | None = None) -> int:
+    """Output rows per band of a banded op writing a tensor of ``shape`` (the plan's ``ooc_rows``),
+    sized so the wider of an output row and an input row (``in_shape``) takes ~8 MiB a band."""
     if params.get("ooc_rows"):
         return int(params["ooc_rows"])
     axis = row_axis(shape)
     per_row = 4 * int(np.prod(shape)) // max(1, shape[axis])
+    if in_shape is not None:
+        per_row = max(per_row, 4 * int(np.prod(in_shape)) // max(1, in_shape[row_axis(in_shape)]))
     return max(1, min(shape[axis], OOC_TARGET_BYTES // max(1, per_row)))
 
 
@@ -121,7 +124,7 @@ def _conv2d_banded(ctx: OpContext, op: Op, args: list, shape: tuple[int, ...]):
     h_eff = x.shape[2] * up
     ho = shape[2]
     out = ctx.out if ctx.out is not None else np.empty(shape, np.float32)
-    rows = ooc_rows(shape, ctx.params)
+    rows = ooc_rows(shape, ctx.params, tuple(x.shape))
     for o0 in range(0, ho, rows):
         o1 = min(ho, o0 + rows)
         e0, e1 = max(0, o0 - pt), min(h_eff, o1 - 1 - pt + k)
