@@ -1,0 +1,330 @@
+"""What the SD 1.5 and FLUX text-to-image pipelines share: the request/result types, the seeded noise,
+opening a model folder, running one stage inside the budget, resumable sampler state.
+
+Noise is drawn with numpy from the seed alone, so a run is reproducible bit for bit and a run resumed
+after step ``k`` sees exactly the noise the uninterrupted run would have seen:
+
+- initial noise (txt2img latents, img2img ``add_noise``): ``np.random.default_rng(seed)``;
+- per-step noise of ancestral samplers, call ``i``: ``np.random.default_rng([seed, 1, i])``;
+- the VAE posterior sample of img2img: ``np.random.default_rng([seed, 2])``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StreamexecError
+from ..weights.checkpoint import Checkpoint, open_checkpoint
+
+F32 = np.float32
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+StepFn = Callable[[int, np.ndarray], None]  # (denoiser call just finished, latents after it)
+
+
+@dataclass
+class Request:
+    """One image to generate. ``None`` fields take the model's defaults (see ``Pipeline.resolve``)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int | None = None  # default: 25 SD 1.5 (diffusers' 50 is slow on CPU), 4 schnell, 28 dev
+    cfg_scale: float | None = None  # SD 1.5 classifier-free guidance, default 7.5 (<= 1: no CFG batch)
+    guidance: float | None = None  # FLUX dev distilled guidance, default 3.5
+    sampler: str | None = None  # euler, euler_a, ddim, dpmpp_2m, pndm; None = the checkpoint's scheduler
+    karras: bool = False
+    height: int | None = None  # default: the model's native size
+    width: int | None = None
+    init_image: np.ndarray | None = None  # img2img (SD 1.5): uint8 [H, W, 3]
+    strength: float = 0.75
+    latents_in: np.ndarray | None = None  # diffusers' latents= (SD: [1,C,h,w]; FLUX: packed [1, h/2*w/2, 4C])
+    max_sequence_length: int | None = None  # T5: 256 schnell / 512 dev
+
+
+@dataclass
+class Result:
+    """The generated image and how it was made."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    latents: np.ndarray  # final latents before the VAE (SD: [1,4,h,w]; FLUX: packed)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    bytes_streamed: int = 0
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+        raise StreamexecError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    return int(seed)
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The run's starting noise (diffusers' ``latents=`` before ``init_noise_sigma``; FLUX: before packing)."""
+    return np.random.default_rng(_check_seed(seed)).standard_normal(shape, dtype=F32)
+
+
+def step_noise(seed: int, i: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Fresh noise an ancestral sampler adds at denoiser call ``i`` (independent of earlier calls)."""
+    return np.random.default_rng([_check_seed(seed), 1, int(i)]).standard_normal(shape, dtype=F32)
+
+
+def posterior_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Noise of img2img's VAE posterior sample ``mean + std * noise``."""
+    return np.random.default_rng([_check_seed(seed), 2]).standard_normal(shape, dtype=F32)
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """VAE output [1, 3, H, W] in [-1, 1] → uint8 [H, W, 3], as diffusers' postprocess + ``numpy_to_pil``."""
+    x = np.clip(decoded[0] / F32(2) + F32(0.5), 0, 1)
+    return np.ascontiguousarray((x.transpose(1, 2, 0) * F32(255)).round().astype(np.uint8))
+
+
+# -- sampler state (multistep samplers keep history a resumed run needs) ---------------------------
+def sampler_state(sched: Any) -> dict[str, np.ndarray]:
+    """The history a multistep sampler carries between calls (DPM-Solver's previous outputs, PNDM's
+    ``ets``), as arrays to save beside the latents; empty for euler/euler_a/ddim/FLUX."""
+    from .schedulers import PNDM, DPMSolverMultistep
+
+    if isinstance(sched, DPMSolverMultistep):
+        present = [o is not None for o in sched._outputs]
+        out = {"lower_order_nums": np.array(sched._lower_order_nums), "present": np.array(present)}
+        if any(present):
+            out["outputs"] = np.stack([o for o in sched._outputs if o is not None])
+        return out
+    if isinstance(sched, PNDM):
+        out = {"counter": np.array(sched._counter), "n_ets": np.array(len(sched._ets))}
+        if sched._ets:
+            out["ets"] = np.stack(sched._ets)
+        if sched._cur_sample is not None:
+            out["cur_sample"] = np.array(sched._cur_sample)
+        if not isinstance(sched._cur_model_output, (int, float)):
+            out["cur_model_output"] = np.array(sched._cur_model_output)
+        return out
+    return {}
+
+
+def needs_state(sched: Any) -> bool:
+    from .schedulers import PNDM, DPMSolverMultistep
+
+    return isinstance(sched, (PNDM, DPMSolverMultistep))
+
+
+def restore_sampler_state(sched: Any, state: dict[str, np.ndarray]) -> None:
+    """Put a :func:`sampler_state` back (the sampler must be built with the same settings)."""
+    from .schedulers import PNDM, DPMSolverMultistep
+
+    try:
+        if isinstance(sched, DPMSolverMultistep):
+            present = [bool(p) for p in np.asarray(state["present"])]
+            if len(present) != len(sched._outputs):
+                raise KeyError("present")
+            stacked = iter(np.asarray(state["outputs"], F32)) if any(present) else iter(())
+            sched._outputs = [next(stacked) if p else None for p in present]
+            sched._lower_order_nums = int(state["lower_order_nums"])
+        elif isinstance(sched, PNDM):
+            sched._counter = int(state["counter"])
+            n = int(state["n_ets"])
+            sched._ets = list(np.asarray(state["ets"], F32)) if n else []
+            sched._cur_sample = np.asarray(state["cur_sample"], F32) if "cur_sample" in state else None
+            sched._cur_model_output = np.asarray(state["cur_model_output"], F32) if "cur_model_output" in state else 0
+    except (KeyError, ValueError, TypeError, StopIteration) as err:
+        raise StreamexecError(f"the saved {sched.name} sampler state is incomplete or from another sampler ({err})") \
+            from None
+
+
+# -- the pipeline base -----------------------------------------------------------------------------
+class Pipeline:
+    """A text-to-image pipeline over one checkpoint; ``Pipeline.open(path)`` returns the right subclass.
+
+    Components are opened once (headers only). At run time each stage streams its component within
+    the memory budget and releases that component's pages when the stage ends; text embeddings
+    (small) are held through the denoise loop.
+    """
+
+    kind = ""
+    #: components the pipeline needs, in the order they run
+    components: tuple[str, ...] = ()
+
+    def __init__(self, ckpt: Checkpoint, root: Path, memory_budget: int | str | None,
+                 scratch_dir: str | None) -> None:
+        from ..api import MODEL_CLASSES
+
+        self.checkpoint = ckpt
+        self.root = root
+        self.name = root.stem if root.is_file() else root.name
+        self.memory_budget = memory_budget
+        self.models: dict[str, Any] = {}
+        missing = [c for c in self.components if c not in ckpt.components]
+        if missing:
+            what = "an SD 1.5" if self.kind == "sd15" else "a FLUX.1"
+            raise StreamexecError(
+                f"{root}: {what} run needs {', '.join(self.components)}; missing {', '.join(missing)} "
+                "(point at a diffusers pipeline folder with model_index.json, or an SD 1.5 single file)")
+        for c in self.components:
+            self.models[c] = MODEL_CLASSES[c](ckpt, ckpt.components[c], memory_budget, None, scratch_dir)
+        self._sched: Any = None
+        self._bytes = 0
+        self._graph_bytes: dict[int, int] = {}
+
+    @classmethod
+    def open(cls, model: str | Path, *, memory_budget: int | str | None = None, tokenizer: str | Path | None = None,
+             variant: str | None = None, scratch_dir: str | None = None) -> Pipeline:
+        """Open a diffusers pipeline folder (``model_index.json``) or an SD 1.5 single ``.safetensors``
+        file; FLUX when it has a ``transformer``. ``tokenizer``: a folder with the tokenizer files when
+        the model has none (FLUX needs T5's ``tokenizer.json``; SD 1.5 falls back to the shipped CLIP BPE)."""
+        from .flux import FluxPipeline
+        from .sd15 import SD15Pipeline
+
+        root = Path(model)
+        budget = _budget(memory_budget)
+        ckpt = open_checkpoint(root, variant=variant)
+        try:
+            if ckpt.kind == "component":
+                raise StreamexecError(f"{root}: a single component folder; a run needs the whole pipeline folder "
+                                      "(the one with model_index.json)")
+            sub = FluxPipeline if "transformer" in ckpt.components else SD15Pipeline
+            return sub(ckpt, root, budget, scratch_dir, tokenizer)
+        except BaseException:
+            ckpt.close()
+            raise
+
+    def default_steps(self) -> int:
+        raise NotImplementedError
+
+    def native_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2^(VAE blocks - 1), as diffusers computes it (8 for SD/FLUX)."""
+        blocks = self.models["vae"].config.get("block_out_channels") or [0] * 4
+        return 2 ** (len(blocks) - 1)
+
+    def resolve(self, req: Request) -> dict[str, Any]:
+        """The request checked, with the model's defaults filled in."""
+        raise NotImplementedError
+
+    def scheduler(self, req: Request, params: dict[str, Any]) -> Any:
+        """A fresh sampler for this request (``params`` from :meth:`resolve`)."""
+        raise NotImplementedError
+
+    def describe(self, req: Request) -> dict[str, Any]:
+        """``Result.parameters`` of this request, without running anything (checks the request)."""
+        _check_seed(req.seed)
+        p = self.resolve(req)
+        sched = self.scheduler(req, p)
+        p["sampler"], p["karras"] = sched.name, bool(sched.karras)
+        return p
+
+    def resume_state(self) -> dict[str, np.ndarray]:
+        """Inside ``on_step``: the sampler history to save beside the latents (empty for single-step
+        samplers) and pass back as ``start_state`` to resume a multistep sampler (dpmpp_2m, pndm)."""
+        return sampler_state(self._sched) if self._sched is not None else {}
+
+    def close(self) -> None:
+        for m in self.models.values():
+            m.store.release_all()
+            m.store.close()
+        self.checkpoint.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def _call(self, name: str, *args: Any, method: str = "__call__", **kwargs: Any) -> Any:
+        """Run component ``name`` once, counting the weight bytes its graph streams."""
+        m = self.models[name]
+        out = getattr(m, method)(*args, **kwargs)
+        graph = m.last_executor.graph
+        n = self._graph_bytes.get(id(graph))
+        if n is None:
+            keys = {k for op in graph.ops for k in op.weights.values()}
+            n = self._graph_bytes[id(graph)] = sum(m.store.nbytes(k) for k in keys)
+        self._bytes += n
+        return out
+
+    @contextmanager
+    def _stage(self, stage: str, total: int, seconds: dict[str, float], progress: ProgressFn | None,
+               components: tuple[str, ...] = ()) -> Iterator[None]:
+        """Time a stage, report its start, and free its components' pages when it ends."""
+        t0 = time.perf_counter()
+        if progress is not None:
+            progress(stage, 0, total)
+        try:
+            yield
+        finally:
+            for c in components:
+                self.models[c].store.release_all()
+                self.models[c].store.close()
+            gc.collect()
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def _denoise(self, sched: Any, x: np.ndarray, first: int, model_fn: Callable[[np.ndarray, int], np.ndarray],
+                 seed: int, progress: ProgressFn | None, on_step: StepFn | None, start_step: int,
+                 start_latents: np.ndarray | None, start_state: dict[str, np.ndarray] | None) -> np.ndarray:
+        """The sampler loop over denoiser calls ``first..len(timesteps)-1``, resumable at ``start_step``."""
+        n = len(sched.timesteps)
+        begin = first
+        if start_step:
+            if not first < start_step <= n:
+                raise StreamexecError(f"start_step {start_step} is outside this run's denoiser calls {first + 1}..{n}")
+            if start_latents is None:
+                raise StreamexecError("resuming at start_step needs start_latents (the latents saved after the "
+                                      "step before)")
+            if np.shape(start_latents) != x.shape:
+                raise StreamexecError(f"start_latents has shape {list(np.shape(start_latents))}, "
+                                      f"this run's latents {list(x.shape)}")
+            if needs_state(sched):
+                if start_state is None:
+                    raise StreamexecError(f"resuming the {sched.name} sampler needs its history: save "
+                                          "Pipeline.resume_state() with the latents and pass it as start_state")
+                restore_sampler_state(sched, start_state)
+            x = np.ascontiguousarray(start_latents, dtype=F32)
+            begin = start_step
+        self._sched = sched
+        total = n - first
+        if progress is not None:
+            progress("denoise", begin - first, total)
+        for i in range(begin, n):
+            out = model_fn(x, i)
+            noise = step_noise(seed, i, x.shape) if sched.needs_noise else None
+            x = sched.step(out, i, x, noise=noise)
+            if progress is not None:
+                progress("denoise", i + 1 - first, total)
+            if on_step is not None:
+                on_step(i, x)
+        return x
+
+
+def _budget(memory_budget: int | str | None) -> int | str | None:
+    if memory_budget is None or memory_budget == "min":
+        return memory_budget
+    if memory_budget == "auto":
+        from ..runtime.process import auto_budget
+
+        return auto_budget()
+    from ..sizes import parse_size
+
+    return parse_size(memory_budget)
+
+
+def resolve_size(req: Request, native: int, multiple: int, what: str) -> tuple[int, int]:
+    """(height, width): the request's or the native size; each a positive multiple of ``multiple``."""
+    h = native if req.height is None else req.height
+    w = native if req.width is None else req.width
+    for name, v in (("height", h), ("width", w)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+            raise StreamexecError(f"{name} {v!r}: {what} needs a positive multiple of {multiple}")
+    return int(h), int(w)

@@ -1,0 +1,56 @@
+"""Text-to-image generation: ``Pipeline.open(model)`` → an SD 1.5 or FLUX.1 pipeline, called with a
+:class:`Request`, returning a :class:`Result`::
+
+    from streamexec.pipelines.generate import Pipeline, Request
+
+    with Pipeline.open("sd15/", memory_budget="1G") as pipe:
+        res = pipe(Request("a lighthouse at dusk", seed=7), progress=lambda stage, done, total: ...)
+    res.image            # uint8 [H, W, 3]
+
+Same math as diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` /
+``FluxPipeline`` (parity-tested in ``tests/test_pipelines.py``); the implementation lives in
+``common.py`` (types, noise, stages, resume), ``sd15.py`` and ``flux.py``.
+
+Progress: ``progress(stage, done, total)`` at each stage's start (``done`` 0, or the resumed step) and
+after each unit of work: stages ``text_encoder``, ``text_encoder_2`` (FLUX), ``vae_encode`` (img2img),
+``denoise`` (one unit per denoiser call; PNDM makes ``steps + 1`` calls, as in diffusers; img2img
+runs only the last ``strength`` part), ``vae``. ``Result.stage_seconds`` has the same keys.
+
+Resume: ``on_step(i, latents)`` after denoiser call ``i`` (an index into the sampler's timesteps);
+``pipe(req, start_step=i + 1, start_latents=latents)`` continues and ends with the same latents as
+the uninterrupted run (per-step noise is drawn from ``(seed, i)``, see ``common``). The multistep
+samplers (dpmpp_2m, pndm) also need their history: save ``pipe.resume_state()`` inside ``on_step``
+and pass it back as ``start_state=``.
+
+``Result.bytes_streamed``: the stored bytes of every weight each component call's graph reads,
+summed over all calls (text encoders once, the denoiser once per call, the VAE once) — what the run
+streams through the process, whether the pages came from the page cache or the disk.
+"""
+
+from __future__ import annotations
+
+from .common import (
+    Pipeline,
+    ProgressFn,
+    Request,
+    Result,
+    StepFn,
+    initial_noise,
+    posterior_noise,
+    step_noise,
+)
+from .flux import FluxPipeline
+from .sd15 import SD15Pipeline
+
+__all__ = [
+    "FluxPipeline",
+    "Pipeline",
+    "ProgressFn",
+    "Request",
+    "Result",
+    "SD15Pipeline",
+    "StepFn",
+    "initial_noise",
+    "posterior_noise",
+    "step_noise",
+]
