@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import NotImplementedYet, PlanError, StreamexecError
+from .errors import PlanError, StreamexecError
 from .sizes import format_size, parse_size
 
 EPILOG = "Run 'streamexec COMMAND --help' for the flags of each command."
@@ -179,7 +179,9 @@ def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    raise NotImplementedYet("'run' is not implemented yet; nothing written")
+    from .run import cmd_run as run
+
+    return run(args)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -187,6 +189,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .planner.plan import read_plan_dict
 
     plan = read_plan_dict(args.plan)
+    if plan.get("template"):
+        raise PlanError(f"{args.plan} is a plan template (it names no model, so it has no layers to show); "
+                        f"'streamexec plan MODEL -o plan.yaml' writes a full plan for your files")
     try:
         if args.chart:
             inspect.chart(plan, args.chart)

@@ -58,16 +58,34 @@ def save_png(path: str | Path, image: np.ndarray, parameters: dict) -> Path:
     return path
 
 
-def save_npy(path: str | Path, array: np.ndarray) -> Path:
-    """``np.save`` atomically (the latents checkpoints ``--latents-out`` writes every step)."""
+def _atomic(path: str | Path, write) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    except OSError as e:
+        raise StreamexecError(f"cannot write {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
+            write(fh)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise StreamexecError(f"cannot write {path}: {e.strerror}") from None
         raise
     return path
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> Path:
+    """``np.save`` atomically (the latents checkpoints ``--latents-out`` writes every step)."""
+    return _atomic(path, lambda fh: np.save(fh, array))
+
+
+def save_npz(path: str | Path, arrays: dict) -> Path:
+    """``np.savez`` atomically (sampler history for ``--resume``)."""
+    return _atomic(path, lambda fh: np.savez(fh, **arrays))
+
+
+def save_text(path: str | Path, text: str) -> Path:
+    return _atomic(path, lambda fh: fh.write(text.encode()))

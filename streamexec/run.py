@@ -1,0 +1,184 @@
+"""``streamexec run``: a plan (or a model folder, planned on the fly) + a prompt → a PNG.
+
+Resolves where the model is and what the run settings are (command line > plan > the model's
+defaults), opens the text-to-image pipeline inside the memory budget, shows progress, writes the
+image atomically with its parameters, and keeps per-step latents checkpoints for ``--resume``.
+Ctrl-C / SIGTERM leave no partial PNG and no scratch files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PlanError, StreamexecError
+from .sizes import format_size
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _is_plan_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in (".yaml", ".yml")
+
+
+def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict]:
+    """(model path, run settings from the plan, memory settings from the plan)."""
+    target = Path(args.plan)
+    if not _is_plan_file(target):
+        if not target.exists():
+            raise StreamexecError(f"{target}: no such plan or model")
+        return Path(args.model or target), {}, {}
+    from .planner.plan import check_checkpoint, read_plan_dict
+    from .weights.checkpoint import open_checkpoint
+
+    d = read_plan_dict(target)
+    run = dict(d.get("run") or {})
+    mem = dict(d.get("memory") or {})
+    if d.get("template"):
+        name = d.get("model")
+        if args.model:
+            return Path(args.model), run, mem
+        if name == "demo":
+            from .pipelines.demo import ensure_demo_model
+
+            return ensure_demo_model(_log), run, mem
+        raise PlanError(f"{target} is a plan template: say which model it runs with --model DIR")
+    root = args.model or (d.get("checkpoint") or {}).get("root")
+    if not root:
+        raise PlanError(f"{target}: the plan names no model; pass --model DIR")
+    ckpt = open_checkpoint(root, variant=(d.get("checkpoint") or {}).get("variant"))
+    try:
+        check_checkpoint(d, ckpt)
+    finally:
+        ckpt.close()
+    return Path(root), run, mem
+
+
+def _budget(args: argparse.Namespace, mem: dict):
+    from .cli import budget_arg
+
+    if args.memory_budget is not None:
+        return budget_arg(args.memory_budget)
+    if mem.get("budget") is not None:  # templates say it as a size ("1G")
+        return budget_arg(str(mem["budget"]))
+    return mem.get("budget_bytes")
+
+
+def _read_image(path: str, width: int | None, height: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if width and height and im.size != (width, height):
+                im = im.resize((width, height), Image.LANCZOS)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise StreamexecError(f"{path}: cannot read the init image ({e})") from None
+
+
+def _resume_state(args: argparse.Namespace, params: dict) -> tuple[int, np.ndarray | None, dict | None]:
+    if not args.resume:
+        return 0, None, None
+    if not args.latents_out:
+        raise StreamexecError("--resume continues from the checkpoints that --latents-out writes: pass the same "
+                              "--latents-out")
+    lat, meta = Path(args.latents_out), Path(args.latents_out + ".json")
+    state_file = Path(args.latents_out + ".state.npz")
+    if not (lat.is_file() and meta.is_file()):
+        _log(f"nothing to resume at {lat}: starting from step 0")
+        return 0, None, None
+    try:
+        info = json.loads(meta.read_text())
+        latents = np.load(lat, allow_pickle=False)
+        state = dict(np.load(state_file, allow_pickle=False)) if state_file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise StreamexecError(f"{lat}: cannot read the resume checkpoint ({e})") from None
+    saved = json.loads(json.dumps(info.get("parameters") or {}))
+    now = json.loads(json.dumps(params, default=str))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise StreamexecError(f"{lat} was written by a different run ({', '.join(diff)} differ); not resuming")
+    step = int(info.get("step", -1))
+    _log(f"resuming after denoiser call {step + 1}")
+    return step + 1, latents, state
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipelines.generate import Pipeline, Request
+    from .pipelines.png import save_npy, save_npz, save_png, save_text
+    from .pipelines.progress import Progress
+
+    t0 = time.perf_counter()
+    model, run, mem = resolve(args)
+    budget = _budget(args, mem)
+    req = Request(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        steps=args.steps or run.get("steps"), cfg_scale=args.cfg_scale, guidance=args.guidance,
+        sampler=args.sampler, karras=args.karras, height=args.height or run.get("height"),
+        width=args.width or run.get("width"), strength=args.strength,
+    )
+    if args.init_image:
+        req.init_image = _read_image(args.init_image, req.width, req.height)
+    if args.latents_in:
+        try:
+            req.latents_in = np.load(args.latents_in, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise StreamexecError(f"{args.latents_in}: cannot read latents ({e})") from None
+    out = Path(args.output)
+    if out.is_dir():
+        raise StreamexecError(f"{out} is a folder; give a .png file name with -o")
+
+    def on_term(signum, frame):  # SIGTERM takes the same clean-up path as Ctrl-C
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    progress = Progress(budget if isinstance(budget, int) else None, quiet=args.quiet)
+    pipe = Pipeline.open(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir)
+    try:
+        if not args.quiet:
+            _log(f"{pipe.kind} pipeline from {model}, budget "
+                 f"{format_size(budget) if isinstance(budget, int) else budget or 'none'}")
+        params_probe = pipe.describe(req)
+        start_step, start_latents, start_state = _resume_state(args, params_probe)
+
+        def on_step(i: int, latents: np.ndarray) -> None:
+            if args.latents_out:  # a resumable checkpoint after every denoiser call
+                state = pipe.resume_state()
+                if state:
+                    save_npz(args.latents_out + ".state.npz", state)
+                save_npy(args.latents_out, latents)
+                save_text(args.latents_out + ".json", json.dumps({"step": i, "parameters": params_probe}, default=str))
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = pipe(req, progress=progress, on_step=on_step, start_step=start_step,
+                          start_latents=start_latents, start_state=start_state)
+        for w in caught:
+            _log(f"warning: {w.message}")
+        if args.strict and isinstance(budget, int):
+            from .runtime.process import peak_rss
+
+            if peak_rss() > budget:
+                raise StreamexecError(f"--strict: peak RSS {format_size(peak_rss())} exceeded the budget "
+                                      f"{format_size(budget)}; image not written")
+        if args.latents_out:
+            save_npy(args.latents_out, result.latents)
+        save_png(out, result.image, result.parameters)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        pipe.close()
+    print(progress.summary(result.stage_seconds, time.perf_counter() - t0, result.bytes_streamed, str(out)))
+    if "demo" in str(model) and "demo-v" in str(model):
+        print("note: the demo model has random weights, so the picture is noise. For real images: "
+              "streamexec plan /path/to/stable-diffusion-v1-5 -o plans/mine.yaml && streamexec run plans/mine.yaml "
+              "--prompt '...'")
+    return 0
