@@ -112,6 +112,33 @@ def _resume_state(args: argparse.Namespace, params: dict) -> tuple[int, np.ndarr
     return step + 1, latents, state
 
 
+def check_budget_first(pipe, params: dict, budget) -> None:
+    """Fit every component the run needs before anything runs: a budget too small for the
+    denoiser fails now (naming the smallest that fits), not after the text encoders."""
+    if budget is None:
+        return
+    from .models.registry import RunShape, build_component
+    from .planner.fit import fit_schedule, weight_table
+
+    configs = {n: dict(c.config or {}) for n, c in pipe.checkpoint.components.items()}
+    shape = RunShape(int(params["height"]), int(params["width"]), 1,
+                     text_len=params.get("max_sequence_length"),
+                     cfg=pipe.kind == "sd15" and float(params.get("cfg_scale") or 0) > 1)
+    for name, m in pipe.models.items():
+        table = weight_table(m.store)
+
+        def info(key: str, table=table):
+            w = table.get(key)
+            return None if w is None else (w.shape, w.dtype)
+
+        graph = build_component(name, configs.get(name, {}), info, shape, configs, str(pipe.root))
+        if m.baseline is None:
+            from .api import process_baseline
+
+            m.baseline = process_baseline({t.dtype for t in m.store.tensors.values()})
+        fit_schedule(graph, table, budget, m.baseline)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.generate import Pipeline, Request
     from .pipelines.png import save_npy, save_npz, save_png, save_text
@@ -148,7 +175,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             _log(f"{pipe.kind} pipeline from {model}, budget "
                  f"{format_size(budget) if isinstance(budget, int) else budget or 'none'}")
         params_probe = pipe.describe(req)
+        check_budget_first(pipe, params_probe, budget)
         start_step, start_latents, start_state = _resume_state(args, params_probe)
+        if args.trace:
+            for m in pipe.models.values():
+                m.trace = True
 
         def on_step(i: int, latents: np.ndarray) -> None:
             if args.latents_out:  # a resumable checkpoint after every denoiser call
@@ -173,9 +204,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.latents_out:
             save_npy(args.latents_out, result.latents)
         save_png(out, result.image, result.parameters)
+        if args.trace:
+            traces = {name: m.last_executor.trace_json() for name, m in pipe.models.items() if m.last_executor}
+            save_text(args.trace, json.dumps({"parameters": result.parameters, "components": traces}, default=str))
+            _log(f"wrote {args.trace}: per-op time, weight bytes, RSS after and peak RSS of each component's last call")
     finally:
         signal.signal(signal.SIGTERM, old)
         pipe.close()
+    if args.trace:  # per-op peak windows reset VmHWM: the run's peak is the largest window
+        from .runtime.process import peak_rss
+
+        windows = [r.peak_rss for m in pipe.models.values() if m.last_executor for r in m.last_executor.records]
+        progress.peak_override = max(windows + [peak_rss()])
     print(progress.summary(result.stage_seconds, time.perf_counter() - t0, result.bytes_streamed, str(out)))
     if "demo" in str(model) and "demo-v" in str(model):
         print("note: the demo model has random weights, so the picture is noise. For real images: "

@@ -102,3 +102,19 @@ def test_template_plan_needs_a_model(env: dict) -> None:
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "streamexec: error: plans/sd15-512.yaml is a plan template: say which model it runs with --model DIR"]
+
+
+def test_too_small_budget_fails_before_running_and_trace_is_written(env: dict, tmp_path: Path) -> None:
+    out = tmp_path / "x.png"
+    res = streamexec("run", "plans/demo.yaml", "--prompt", "x", "--memory-budget", "100M", "-o", str(out), env=env)
+    assert res.returncode == 2
+    assert "smallest that fits is" in res.stderr.strip().splitlines()[-1]
+    assert "text_encoder" not in res.stderr.replace("for CLIPTextModel", "")  # no stage ran
+    assert not out.exists()
+    trace = tmp_path / "trace.json"
+    res = streamexec("run", "plans/demo.yaml", "--prompt", "x", "--steps", "2", "--trace", str(trace), "-o", str(out),
+                     "--quiet", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    t = json.loads(trace.read_text())
+    assert set(t["components"]) == {"text_encoder", "unet", "vae"}
+    assert all(op["seconds"] >= 0 and op["peak_rss"] > 0 for op in t["components"]["unet"]["ops"])

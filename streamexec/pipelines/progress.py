@@ -27,6 +27,7 @@ class Progress:
         self.t_last = 0.0
         self.stage_seconds: dict[str, float] = {}
         self._open_line = False
+        self.peak_override: int | None = None
 
     def _rss(self) -> str:
         rss = current_rss() / MIB
@@ -81,7 +82,7 @@ class Progress:
     def summary(self, stage_seconds: dict[str, float], total_seconds: float, bytes_streamed: int, path: str) -> str:
         """The closing line (printed even with ``quiet``: it says where the image is)."""
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in stage_seconds.items())
-        peak = peak_rss()
+        peak = self.peak_override or peak_rss()
         budget = f" (budget {format_size(self.budget)})" if self.budget else ""
         return (f"wrote {path} in {total_seconds:.1f} s [{stages}]; peak RSS {format_size(peak)}{budget}; "
                 f"{format_size(bytes_streamed)} of weights streamed")
