@@ -83,3 +83,38 @@ def test_streaming_walk_peak_rss_bounded(tmp_path: Path) -> None:
     res = json.loads(out.stdout)
     assert res["tensors"] == 64
     assert res["peak_rss"] <= res["start_rss"] + 64 * MiB, res
+
+
+TRUNCATE_RUNNER = r"""
+import os, sys
+import numpy as np
+import streamexec
+from streamexec.errors import StreamexecError
+path, weights = sys.argv[1], sys.argv[2]
+m = streamexec.load(path, memory_budget=sys.argv[3])
+x = np.zeros((1, 3, 8, 8), np.float32)
+m.encode(x)  # runs fine
+os.truncate(weights, os.path.getsize(weights) // 2)  # someone truncates the file while it is mapped
+try:
+    m.encode(x)
+except StreamexecError as e:
+    print("clean error:", e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("budget", ["2G", "min"])
+def test_file_truncated_while_mapped_is_a_clean_error(tmp_path: Path, budget: str) -> None:
+    """No SIGBUS: weights are faulted in with MADV_POPULATE_READ before any kernel touches them,
+    so pages past the new end of file become an error the CLI can print, in every prefetch mode."""
+    torch = pytest.importorskip("torch")
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8).save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    res = subprocess.run([sys.executable, "-c", TRUNCATE_RUNNER, str(tmp_path / "vae"), str(weights), budget],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, (res.returncode, res.stderr[-2000:])
+    assert "truncated or replaced while in use" in res.stdout

@@ -133,6 +133,10 @@ class Executor:
         try:
             for u, unit in enumerate(units):
                 t0 = time.perf_counter()
+                if u > 0 and sched.prefetch_mode(u - 1) != "populate":
+                    # not mapped ahead: fault the unit's weights in now, before the kernels touch
+                    # them (a file truncated meanwhile becomes a clean error, not SIGBUS)
+                    store.prefetch(self._unit_weights[u])
                 store.wait()
                 self.wait_seconds += time.perf_counter() - t0
                 if u + 1 < len(units):

@@ -6,6 +6,7 @@ that we control exactly which pages are touched and can drop them again (``madvi
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -254,9 +255,26 @@ class SafetensorsFile:
         start, length = self._page_span(begin, end)
         try:
             self._mm.madvise(_MADV_POPULATE_READ, start, length)
-        except OSError:
-            # Older kernels: touch one byte per page. numpy releases the GIL for the reduction.
+        except OSError as e:
+            if e.errno in (errno.EFAULT, errno.EIO, errno.ENOMEM):
+                # past the end of the file: it was truncated or replaced while mapped
+                raise self._changed() from None
+            # Older kernels (no MADV_POPULATE_READ): touch one byte per page — after checking the
+            # file is still whole, since touching a page past its end would kill the process.
+            self._check_size()
             self._base[start : start + length : PAGE].max()
+
+    def _check_size(self) -> None:
+        try:
+            now = os.stat(self.path).st_size
+        except OSError:
+            now = -1
+        if now < self.size:
+            raise self._changed()
+
+    def _changed(self) -> CheckpointError:
+        return CheckpointError(self.path, "the file was truncated or replaced while in use; stopping "
+                                          "(nothing was written)")
 
     def release_range(self, begin: int, end: int) -> None:
         """Drop the pages of a byte range from this process (RSS goes down; data stays on disk).
