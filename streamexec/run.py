@@ -42,6 +42,9 @@ def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     d = read_plan_dict(target)
     run = dict(d.get("run") or {})
     mem = dict(d.get("memory") or {})
+    for k in ("height", "width", "steps", "batch"):
+        if run.get(k) is not None and (isinstance(run[k], bool) or not isinstance(run[k], int) or run[k] < 1):
+            raise PlanError(f"{target}: run.{k} must be a positive whole number, not {run[k]!r}")
     if d.get("template"):
         name = d.get("model")
         if args.model:

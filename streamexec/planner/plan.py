@@ -214,6 +214,13 @@ def read_plan_dict(path: str | Path) -> dict:
     if d.get("version") != PLAN_VERSION:
         raise PlanError(f"{path}: plan version {d.get('version')!r} is not supported (this streamexec reads "
                         f"version {PLAN_VERSION}); make a new plan with 'streamexec plan'")
+    for section in ("checkpoint", "run", "memory", "components"):
+        if d.get(section) is not None and not isinstance(d[section], dict):
+            raise PlanError(f"{path}: '{section}' must be a mapping")
+    for section in ("run", "memory"):
+        for k, v in (d.get(section) or {}).items():
+            if v is not None and not isinstance(v, (int, float, str, bool)):
+                raise PlanError(f"{path}: {section}.{k} must be a number or a string")
     return d
 
 
@@ -224,9 +231,23 @@ def _need(d: dict, key: str, typ, where: str):
     return v
 
 
+_MALFORMED = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError)
+
+
 def graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
     """Rebuild a component's graph and schedule from its plan entry (structure checked; the
-    weights are checked against the checkpoint by ``check_weights``)."""
+    weights are checked against the checkpoint by ``check_weights``). Anything malformed is a
+    one-line ``PlanError``."""
+    if not isinstance(c, dict):
+        raise PlanError(f"plan: components.{name} is not a mapping")
+    try:
+        return _graph_from_dict(name, c)
+    except _MALFORMED as e:
+        raise PlanError(f"plan: components.{name} is malformed ({type(e).__name__}: {e}); "
+                        "make a new plan with 'streamexec plan'") from None
+
+
+def _graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
     where = f"components.{name}"
     graph = Graph(str(c.get("model", name)), dict(c.get("config") or {}))
     for k, v in _need(c, "inputs", dict, where).items():
@@ -291,6 +312,13 @@ def graph_from_dict(name: str, c: dict) -> tuple[Graph, Schedule, list[dict]]:
 
 def check_checkpoint(d: dict, ckpt: Checkpoint) -> None:
     """Refuse a plan made for other files than ``ckpt`` holds now."""
+    try:
+        _check_checkpoint(d, ckpt)
+    except _MALFORMED as e:
+        raise PlanError(f"plan: the checkpoint section is malformed ({type(e).__name__}: {e})") from None
+
+
+def _check_checkpoint(d: dict, ckpt: Checkpoint) -> None:
     want = {f["path"]: f for f in (d.get("checkpoint") or {}).get("files") or []}
     have = {f["path"]: f for f in ckpt.fingerprint()}
     if set(want) != set(have):

@@ -1,0 +1,148 @@
+"""Faults and hostile inputs (issue #8, first part): a full disk while spilling, SIGTERM mid-run,
+a fuzzed plan loader, and the ``auto`` budget."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamexec.errors import StreamexecError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 1 MiB tmpfs (needs root and mount; skipped with the reason otherwise)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip() or 'not root'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_while_spilling_is_one_clean_error(small_tmpfs: Path, tmp_path: Path) -> None:
+    from streamexec.pipelines.demo import ensure_demo_model
+
+    os.environ["STREAMEXEC_CACHE"] = str(tmp_path / "cache")
+    model = ensure_demo_model()
+    env = dict(os.environ, STREAMEXEC_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "x.png"
+    res = subprocess.run([sys.executable, "-m", "streamexec", "run", str(model), "--prompt", "x", "--steps", "2",
+                          "--memory-budget", "min", "--scratch-dir", str(small_tmpfs), "-o", str(out)],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamexec: error: disk full while") and "--scratch-dir" in last
+    assert not out.exists()
+    assert list(small_tmpfs.iterdir()) == []  # the scratch folder is gone
+
+
+def test_sigterm_mid_run_leaves_nothing(tmp_path: Path) -> None:
+    env = dict(os.environ, STREAMEXEC_CACHE=str(tmp_path / "cache"), TMPDIR=str(tmp_path))
+    out = tmp_path / "out" / "never.png"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "streamexec", "run", "plans/demo.yaml", "--prompt", "x",
+                             "--steps", "200", "--memory-budget", "min", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if "denoise" in proc.stderr.readline():
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert list(out.parent.iterdir()) == []
+    assert list(tmp_path.glob("streamexec-spill-*")) == []
+
+
+def _plan_text(tmp_path: Path) -> str:
+    from streamexec.cli import main
+
+    os.environ["STREAMEXEC_CACHE"] = str(tmp_path / "cache")
+    from streamexec.pipelines.demo import ensure_demo_model
+
+    model = ensure_demo_model()
+    out = tmp_path / "p.yaml"
+    assert main(["plan", str(model), "--component", "text_encoder", "-o", str(out)]) == 0
+    return out.read_text()
+
+
+@pytest.fixture(scope="module")
+def plan_dict(tmp_path_factory) -> dict:
+    return yaml.safe_load(_plan_text(tmp_path_factory.mktemp("fuzzplan")))
+
+
+def _mutate(d, path: list, value):
+    cur = d
+    for k in path[:-1]:
+        cur = cur[k]
+    cur[path[-1]] = value
+
+
+def _paths(d, prefix=()):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield (*prefix, k)
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(d, list):
+        for i, v in enumerate(d[:3]):
+            yield (*prefix, i)
+            yield from _paths(v, (*prefix, i))
+
+
+JUNK = st.one_of(st.none(), st.integers(-5, 10**12), st.text(max_size=8), st.lists(st.integers(-2, 5), max_size=3),
+                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.booleans(), st.floats())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_plans_fail_cleanly(plan_dict: dict, tmp_path_factory, data) -> None:
+    """Any edit of a valid plan either still loads or fails with our one-line PlanError — never
+    another exception (which the CLI would report as an internal error)."""
+    import copy
+
+    from streamexec.planner.plan import graph_from_dict, read_plan_dict
+
+    d = copy.deepcopy(plan_dict)
+    paths = list(_paths(d))
+    for _ in range(data.draw(st.integers(1, 3))):
+        p = data.draw(st.sampled_from(paths))
+        try:
+            _mutate(d, list(p), data.draw(JUNK))
+        except (KeyError, IndexError, TypeError):
+            pass
+    f = tmp_path_factory.mktemp("f") / "p.yaml"
+    f.write_text(yaml.safe_dump(d))
+    try:
+        loaded = read_plan_dict(f)
+        for name, c in (loaded.get("components") or {}).items():
+            graph_from_dict(name, c)
+    except StreamexecError:
+        pass
+
+
+def test_auto_budget_is_below_what_the_machine_has() -> None:
+    import psutil
+
+    from streamexec.runtime.process import auto_budget, memory_limit
+
+    limit, source = memory_limit()
+    assert 0 < auto_budget() < limit <= psutil.virtual_memory().total
+    assert source
+    assert isinstance(np.int64(auto_budget()), np.integer)
