@@ -157,3 +157,28 @@ def test_trace_records_every_op(unet, tmp_path: Path) -> None:
     assert set(first) >= {"name", "kind", "seconds", "weight_bytes", "rss_after", "peak_rss", "planned_bytes"}
     convs = [o for o in t["ops"] if o["kind"] == "conv2d"]
     assert all(o["weight_bytes"] > 0 and o["rss_after"] > 0 and o["seconds"] >= 0 for o in convs)
+
+
+def test_plan_and_inspect_a_flux_pipeline(tmp_path: Path, capsys) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    model = tmp_path / "flux"
+    res = subprocess.run([sys.executable, str(root / "tools" / "make_checkpoint.py"), "all", str(model), "--preset",
+                          "tiny-flux-dev", "--layout", "pipeline", "--dtype", "bf16", "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "p.yaml"
+    assert main(["plan", str(model), "--height", "128", "--width", "128", "--memory-budget", "1G", "-o", str(out)]) == 0
+    d = yaml.safe_load(out.read_text())
+    assert set(d["components"]) == {"text_encoder", "text_encoder_2", "transformer", "vae"}
+    tr = d["components"]["transformer"]
+    vae_cfg = json.loads((model / "vae" / "config.json").read_text())
+    scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    assert tr["inputs"]["hidden_states"]["shape"][1] == (128 // (2 * scale)) ** 2  # packed 2x2 latent tokens
+    assert tr["inputs"]["encoder_hidden_states"]["shape"][1] == 512  # dev: T5 max_sequence_length 512
+    assert any(o["kind"] == "parallel_mlp" and o.get("gemm") for o in tr["ops"])
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "== transformer" in capsys.readouterr().out
