@@ -39,15 +39,40 @@ class StreamedModel:
         self.last_executor: Executor | None = None
         self.last_fit: Fit | None = None
         self.trace = False
+        self._planned: list = []
 
     def weight_info(self, key: str):
         t = self.store.tensors.get(key)
         return None if t is None else (t.shape, t.dtype)
 
+    def use_plan(self, graph: Graph, schedule, planned_baseline: int) -> None:
+        """Run ``graph`` (from a saved plan) with exactly its ``schedule`` when a call has the
+        plan's shapes — unless this process is bigger than the one the plan was made in, then
+        the schedule is re-fitted to the budget."""
+        self._planned.append((graph, schedule, planned_baseline))
+
+    def _from_plan(self, graph: Graph) -> Fit | None:
+        from .planner.fit import Fit
+
+        for pg, sched, base in getattr(self, "_planned", []):
+            same = len(pg.ops) == len(graph.ops) and all(
+                a.kind == b.kind and a.weights == b.weights and pg.tensors[a.output] == graph.tensors[b.output]
+                for a, b in zip(pg.ops, graph.ops))
+            if not same:
+                continue
+            if self.baseline is None:
+                self.baseline = process_baseline({t.dtype for t in self.store.tensors.values()})
+            if self.baseline > base + (8 << 20):
+                return None  # this process is bigger than the planning one: fit again
+            peak = max(sched.planned_bytes.values(), default=0)
+            return Fit(sched, [], self.memory_budget if isinstance(self.memory_budget, int) else peak, base, peak,
+                       peak)
+        return None
+
     def _run(self, key: tuple, build, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if key not in self._graphs:
             graph = build()
-            self._graphs[key] = (graph, self.fit(graph))
+            self._graphs[key] = (graph, self._from_plan(graph) or self.fit(graph))
         graph, fit = self._graphs[key]
         self.last_fit = fit
         ex = Executor(graph, self.store, fit.schedule, trace=self.trace, scratch_dir=self.scratch_dir)

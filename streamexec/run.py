@@ -29,13 +29,14 @@ def _is_plan_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in (".yaml", ".yml")
 
 
-def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict]:
-    """(model path, run settings from the plan, memory settings from the plan)."""
+def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict, dict | None]:
+    """(model path, run settings from the plan, memory settings from the plan, the plan itself
+    when it is a full plan whose schedules the run should follow)."""
     target = Path(args.plan)
     if not _is_plan_file(target):
         if not target.exists():
             raise StreamexecError(f"{target}: no such plan or model")
-        return Path(args.model or target), {}, {}
+        return Path(args.model or target), {}, {}, None
     from .planner.plan import check_checkpoint, read_plan_dict
     from .weights.checkpoint import open_checkpoint
 
@@ -48,11 +49,11 @@ def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     if d.get("template"):
         name = d.get("model")
         if args.model:
-            return Path(args.model), run, mem
+            return Path(args.model), run, mem, None
         if name == "demo":
             from .pipelines.demo import ensure_demo_model
 
-            return ensure_demo_model(_log), run, mem
+            return ensure_demo_model(_log), run, mem, None
         raise PlanError(f"{target} is a plan template: say which model it runs with --model DIR")
     root = args.model or (d.get("checkpoint") or {}).get("root")
     if not root:
@@ -62,7 +63,7 @@ def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict]:
         check_checkpoint(d, ckpt)
     finally:
         ckpt.close()
-    return Path(root), run, mem
+    return Path(root), run, mem, d
 
 
 def _budget(args: argparse.Namespace, mem: dict):
@@ -115,6 +116,19 @@ def _resume_state(args: argparse.Namespace, params: dict) -> tuple[int, np.ndarr
     return step + 1, latents, state
 
 
+def follow_plan(pipe, plan: dict) -> None:
+    """Give each component the plan's graph and schedule: calls with the plan's shapes run exactly
+    as planned (and as `streamexec inspect` shows)."""
+    from .planner.plan import check_weights, graph_from_dict
+
+    base = int((plan.get("memory") or {}).get("baseline_bytes") or 0)
+    for name, c in (plan.get("components") or {}).items():
+        if name in pipe.models:
+            graph, schedule, _ = graph_from_dict(name, c)
+            check_weights(graph, pipe.checkpoint, name)
+            pipe.models[name].use_plan(graph, schedule, base)
+
+
 def check_budget_first(pipe, params: dict, budget) -> None:
     """Fit every component the run needs before anything runs: a budget too small for the
     denoiser fails now (naming the smallest that fits), not after the text encoders."""
@@ -148,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.progress import Progress
 
     t0 = time.perf_counter()
-    model, run, mem = resolve(args)
+    model, run, mem, plan = resolve(args)
     budget = _budget(args, mem)
     req = Request(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
@@ -178,6 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             _log(f"{pipe.kind} pipeline from {model}, budget "
                  f"{format_size(budget) if isinstance(budget, int) else budget or 'none'}")
         params_probe = pipe.describe(req)
+        if plan is not None and args.memory_budget is None:
+            follow_plan(pipe, plan)
         check_budget_first(pipe, params_probe, budget)
         start_step, start_latents, start_state = _resume_state(args, params_probe)
         if args.trace:

@@ -182,3 +182,24 @@ def test_plan_and_inspect_a_flux_pipeline(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "== transformer" in capsys.readouterr().out
+
+
+def test_a_saved_plan_is_followed_exactly(unet, tmp_path: Path) -> None:
+    """What `streamexec run plan.yaml` does per component: the plan's graph and schedule are used
+    as they are when the call has the plan's shapes (here the smallest-footprint schedule)."""
+    import streamexec
+    from streamexec.planner.plan import graph_from_dict
+
+    path, model = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out, "--memory-budget", "min") == 0
+    d = yaml.safe_load(out.read_text())
+    graph, schedule, _ = graph_from_dict("unet", d["components"]["unet"])
+    m = streamexec.load(path)
+    m.use_plan(graph, schedule, d["memory"]["baseline_bytes"] + (64 << 20))
+    g = torch.Generator().manual_seed(1)
+    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 24, generator=g), torch.tensor([9.0, 1.0])
+    y = m(x.numpy(), t.numpy(), ctx.numpy())
+    assert m.last_fit.schedule is schedule and schedule.spill_after  # the plan's own (spilling) schedule
+    with torch.no_grad():
+        assert rel_err(y, model(x, t, encoder_hidden_states=ctx).sample) <= 1e-4
