@@ -4,6 +4,7 @@ checkpoints, and the embedded demo model (built once, deterministic, a valid SD 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,9 @@ def test_png_has_parameters_and_same_input_gives_same_bytes(tmp_path: Path) -> N
         assert '"seed": 7' in im.text["streamexec"]
     assert parameters_text(PARAMS) == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # no temp files left
+    um = os.umask(0)
+    os.umask(um)
+    assert a.stat().st_mode & 0o777 == 0o666 & ~um  # readable like any file the user makes, not mkstemp's 0600
 
 
 def test_png_failure_leaves_nothing(tmp_path: Path) -> None:

@@ -14,6 +14,14 @@ import numpy as np
 from ..errors import StreamexecError
 
 
+def _umask_mode() -> int:
+    """The mode a normally created file gets (0666 minus the umask): mkstemp's 0600 would make
+    the image unreadable to other users."""
+    um = os.umask(0)
+    os.umask(um)
+    return 0o666 & ~um
+
+
 def parameters_text(p: dict) -> str:
     """The A1111-style ``parameters`` text: prompt, negative prompt, then "Key: value" pairs."""
     lines = [str(p.get("prompt", ""))]
@@ -49,6 +57,7 @@ def save_png(path: str | Path, image: np.ndarray, parameters: dict) -> Path:
             Image.fromarray(image, "RGB").save(fh, format="PNG", pnginfo=info)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -68,6 +77,7 @@ def _atomic(path: str | Path, write) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
