@@ -261,13 +261,43 @@ def test_linear_f32_weight_and_row_split(force_parallel):
 
 
 def test_linear_restores_blas_threads(force_parallel):
-    b = lin._blas_threads()
-    if b.get is None:
+    from streamexec.kernels import attention as attn_mod
+
+    ctl = attn_mod._blas_ctl()
+    if ctl is None:
         pytest.skip("BLAS thread count not controllable here")
-    before = b.get()
+    before = ctl.get_threads()
     x = RNG.standard_normal((40, 50)).astype(np.float32)
     lin.linear(x, _stored(RNG.standard_normal((64, 50)).astype(np.float32), "F16"), "F16")
-    assert b.get() == before
+    assert ctl.get_threads() == before
+
+
+def test_linear_pinned_blas_uses_workers(monkeypatch):
+    # Inside blas_single_threaded (what the executor holds for a whole run) BLAS stays on one
+    # thread and a mid-size product is split over the kernel workers (not one thread alone).
+    from streamexec.kernels import attention as attn_mod
+
+    if attn_mod._blas_ctl() is None or lin.linear_workers() < 2:
+        pytest.skip("needs controllable BLAS threads and >= 2 workers")
+    m, k, n = 154, 768, 320  # SD 1.5 cross-attention to_k: 76 MFLOP
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    w = _stored(RNG.standard_normal((n, k)).astype(np.float32), "F16")
+    ref = _linear_ref(x, decode_to_f32(w, "F16"), None, None, None)
+    seen = []
+    orig = lin._Job.run
+
+    def run(self, *a):
+        seen.append(a[:4])
+        return orig(self, *a)
+
+    monkeypatch.setattr(lin._Job, "run", run)
+    with attn_mod.blas_single_threaded():
+        assert attn_mod.blas_pinned() and attn_mod._blas_ctl().get_threads() == 1
+        y = lin.linear(x, w, "F16")
+        assert attn_mod._blas_ctl().get_threads() == 1
+    assert not attn_mod.blas_pinned()
+    assert len(seen) == 2
+    assert _rel_err(y, ref) < LIN_TOL
 
 
 def test_linear_scratch_is_bounded():
@@ -605,3 +635,57 @@ def test_patchify_and_ids_vs_flux_pipeline():
     np.testing.assert_array_equal(unpatchify(tok, h, w), lat)
     ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     np.testing.assert_array_equal(latent_image_ids(h // 2, w // 2), ids.numpy())
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40])
+def test_small_inputs_on_one_thread_match(threshold, monkeypatch):
+    # Small inputs run the prange kernels on a team of one thread (kernels/_serial.py); both
+    # paths must give the same bits. threshold 0: everything parallel; huge: one thread.
+    from streamexec.kernels import _serial
+    from streamexec.kernels import norms as nm
+    from streamexec.kernels.embeddings import apply_rope, rope_freqs
+
+    rng = np.random.default_rng(7)
+    x4 = rng.standard_normal((2, 64, 9, 11)).astype(np.float32)
+    x2 = rng.standard_normal((37, 96)).astype(np.float32)
+    g64, g96 = (rng.standard_normal(n).astype(np.float32) for n in (64, 96))
+    h = rng.standard_normal((37, 192)).astype(np.float32)
+    q = rng.standard_normal((37, 3, 32)).astype(np.float32)
+    cos, sin = rope_freqs(np.stack([np.zeros(37), np.arange(37), np.arange(37)], 1), [8, 12, 12])
+
+    def results():
+        return [
+            nm.group_norm(x4, 32, g64, g64, 1e-5, silu=True),
+            nm.layer_norm(x2, g96, g96, 1e-6),
+            nm.rms_norm(x2, g96, 1e-6),
+            act.apply_activation(x2, "gelu_tanh"),
+            act.add_(x2.copy(), x2),
+            act.mul_(x2.copy(), x2),
+            act.softmax(x2),
+            act.geglu_combine(h),
+            act.gated_gelu_combine(x2, x2),
+            apply_rope(q.copy(), cos, sin),
+        ]
+
+    monkeypatch.setattr(_serial, "SERIAL_MAX_ELEMS", threshold)
+    import numba
+
+    threads = numba.get_num_threads()
+    got = results()
+    assert numba.get_num_threads() == threads  # restored after each one-thread call
+    monkeypatch.setattr(_serial, "SERIAL_MAX_ELEMS", (1 << 40) - threshold)
+    want = results()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_all_finite():
+    x = RNG.standard_normal(1001).astype(np.float32) * 1e30
+    assert act.all_finite(x) and act.all_finite(x[:0]) and act.all_finite(x.reshape(7, 143)[:, ::2])
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in (0, 500, 1000):
+            y = x.copy()
+            y[pos] = bad
+            assert not act.all_finite(y)
+            assert not act.all_finite(y.reshape(7, 143)[:, ::1].T)  # non-contiguous path
+    assert act.all_finite(np.full(64, np.finfo(np.float32).max, np.float32))  # no overflow to inf

@@ -38,6 +38,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from streamexec.kernels._serial import run as _run
 from streamexec.kernels.decode import readonly_flat
 
 __all__ = [
@@ -364,7 +365,7 @@ def apply_activation(x: np.ndarray, name: str | None, out: np.ndarray | None = N
     _check_f32(x, "x")
     out = _prep_out(x, out, x.shape)
     if x.size:
-        _act_kernel(readonly_flat(x), out.reshape(-1), activation_code(name), _nchunks(x.size))
+        _run(_act_kernel, x.size, readonly_flat(x), out.reshape(-1), activation_code(name), _nchunks(x.size))
     return out
 
 
@@ -376,6 +377,25 @@ def silu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 def gelu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Exact (erf) GELU, as ``torch.nn.functional.gelu(x)`` (|err| ~1e-7)."""
     return apply_activation(x, "gelu", out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def _finite_probe(a):
+    """sum(a * 0): 0 if every element is finite, NaN otherwise (inf * 0 and NaN * 0 are NaN).
+
+    Only ``reassoc`` (no ``nnan``/``ninf``), so LLVM vectorises the sum but cannot fold x*0."""
+    s = np.float32(0.0)
+    for i in range(a.size):
+        s += a[i] * np.float32(0.0)
+    return s
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """True if no element of float32 ``x`` is NaN or +-inf: one vectorised pass (the executor's
+    check after every op; ``x.max()`` and ``x.min()`` took two)."""
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        return bool(np.isfinite(x).all())
+    return x.size == 0 or _finite_probe(readonly_flat(x)) == 0.0
 
 
 def gelu_tanh(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -399,7 +419,7 @@ def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return out
     d = x.shape[-1] if x.ndim else 1
     # in place (out is x) is fine: each pass reads src[i] before it writes dst[i]
-    _softmax_kernel(readonly_flat(x), out.reshape(-1), x.size // d, d)
+    _run(_softmax_kernel, x.size, readonly_flat(x), out.reshape(-1), x.size // d, d)
     return out
 
 
@@ -410,7 +430,7 @@ def add_(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
     if a.size:
-        _add_kernel(a.reshape(-1), readonly_flat(b), _nchunks(a.size))
+        _run(_add_kernel, a.size, a.reshape(-1), readonly_flat(b), _nchunks(a.size))
     return a
 
 
@@ -421,7 +441,7 @@ def mul_(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
     if a.size:
-        _mul_kernel(a.reshape(-1), readonly_flat(b), _nchunks(a.size))
+        _run(_mul_kernel, a.size, a.reshape(-1), readonly_flat(b), _nchunks(a.size))
     return a
 
 
@@ -440,7 +460,7 @@ def geglu_combine(
     inner = two_i // 2
     out = _prep_out(h, out, (m, inner))
     if out.size:
-        _geglu_kernel(readonly_flat(h), out.reshape(-1), m, inner, activation_code(activation))
+        _run(_geglu_kernel, h.size, readonly_flat(h), out.reshape(-1), m, inner, activation_code(activation))
     return out
 
 
@@ -458,7 +478,9 @@ def gated_gelu_combine(
         raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
     out = _prep_out(a, out, a.shape)
     if a.size:
-        _gated_kernel(
+        _run(
+            _gated_kernel,
+            a.size,
             readonly_flat(a),
             readonly_flat(b),
             out.reshape(-1),

@@ -50,10 +50,12 @@ from numba.extending import intrinsic
 __all__ = [
     "attention",
     "attention_scratch_bytes",
+    "blas_pinned",
     "blas_single_threaded",
     "default_tiles",
     "kernel_workers",
     "parallel_items",
+    "parallel_min_flops",
 ]
 
 #: Fast-math flags for the softmax kernels. ``nnan`` lets LLVM vectorise the max reduction
@@ -67,6 +69,11 @@ _SCORE_BLOCK_ELEMS = 512 * 1024
 #: parking/re-creating BLAS' pool costs ~0.1-0.4 ms (CLIP's 77-token attention: 0.36 ms in
 #: one thread, 0.76 ms on two workers).
 PARALLEL_MIN_FLOPS = 3e7
+#: The same threshold while BLAS is pinned to one thread (:func:`blas_pinned`, the executor
+#: does it for a whole run): then there is no BLAS pool to park or re-create, the hand-off to
+#: the workers is all that is left (~30-60 us), and below this the calling thread alone would
+#: not use the second core at all (BLAS runs on one thread).
+PARALLEL_MIN_FLOPS_PINNED = 4e6
 
 
 # ============================================================================================
@@ -169,6 +176,18 @@ def blas_single_threaded() -> Iterator[bool]:
             _BLAS_DEPTH -= 1
             if _BLAS_DEPTH == 0:
                 ctl.set_threads(_BLAS_SAVED)
+
+
+def blas_pinned() -> bool:
+    """True while some caller holds :func:`blas_single_threaded` (BLAS is on one thread and
+    its pool is parked): kernels then parallelise even small calls on their own workers, since
+    BLAS' own threads are not available to them and re-creating them costs 3-25 ms."""
+    return _BLAS_DEPTH > 0
+
+
+def parallel_min_flops() -> float:
+    """Flops below which a kernel call runs in the calling thread (see ``PARALLEL_MIN_FLOPS``)."""
+    return PARALLEL_MIN_FLOPS_PINNED if _BLAS_DEPTH > 0 else PARALLEL_MIN_FLOPS
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -546,7 +565,7 @@ def attention(
                 np.matmul(sv, vh[j0:j1], out=tmp[:ti])
                 _combine(acc, tmp, alpha, ti, out, i0, h, l, j0 == last_j0)
 
-    if workers > 1 and n_items > 1 and 4.0 * nq * nk * d * nh >= PARALLEL_MIN_FLOPS:
+    if workers > 1 and n_items > 1 and 4.0 * nq * nk * d * nh >= parallel_min_flops():
         with blas_single_threaded():
             parallel_items(n_items, workers, make_state, work)
     else:

@@ -50,8 +50,9 @@ DECODE_TAGS: dict[str, np.dtype] = {
     "F8_E5M2": np.dtype(np.uint8),
 }
 
-# Below this many elements a single thread decodes (a parallel launch costs ~10 us).
-_PARALLEL_MIN = 1 << 16
+# Below this many elements a single thread decodes: a parallel launch costs ~10 us on an idle
+# machine, up to milliseconds when the other core is busy (see kernels/_serial.py).
+_PARALLEL_MIN = 1 << 18
 
 
 _I32 = ir.IntType(32)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit, prange
 
+from streamexec.kernels._serial import run as _run
 from streamexec.kernels.decode import readonly_flat
 
 __all__ = [
@@ -125,7 +126,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     if x.size:
         c = readonly_flat(np.ascontiguousarray(cos, dtype=np.float32))
         s = readonly_flat(np.ascontiguousarray(sin, dtype=np.float32))
-        _rope_kernel(x.reshape(-1), c, s, n, h, d)
+        _run(_rope_kernel, x.size, x.reshape(-1), c, s, n, h, d)
     return x
 
 

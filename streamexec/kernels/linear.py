@@ -34,17 +34,14 @@ read-only mmapped view.
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
 
 from streamexec.kernels.activations import _act_slice, activation_code
+from streamexec.kernels.attention import blas_pinned, blas_single_threaded, kernel_workers
 from streamexec.kernels.decode import DECODE_TAGS, as_f32, decode_to_f32, readonly_flat
 
 __all__ = [
@@ -69,10 +66,17 @@ _PANEL_TARGET_BYTES = 12 << 20
 _PANEL_MIN_ROWS = 128
 _PANEL_MAX_ROWS = 1024
 _PANEL_ALIGN = 32
-# Below this many flops and decoded weight elements the thread hand-off (~20 us, plus ~50 us to
-# re-create OpenBLAS's threads afterwards) is not worth it: one thread + multi-threaded BLAS.
+# Below this many flops and decoded weight elements the thread hand-off (~20 us, plus 3-25 ms to
+# re-create OpenBLAS's threads at the next multi-threaded BLAS call) is not worth it: one thread +
+# multi-threaded BLAS.
 _PARALLEL_MIN_FLOP = 150e6
 _PARALLEL_MIN_DECODE = 1 << 20
+# While BLAS is pinned to one thread (``blas_pinned()``: the executor does it for a whole run) a
+# product in the calling thread would use one core only, and there is no BLAS pool to re-create:
+# only the hand-off (~30-60 us) is left.  Measured (2-core EPYC, f16 W): UNet cross-attention
+# to_k 154x768x320 took 20.7 ms per call unpinned (the BLAS pool re-created after the previous
+# big linear had parked it), 0.99 ms pinned in one thread.
+_PARALLEL_MIN_FLOP_PINNED = 4e6
 # Columns per worker are multiples of this (keeps sgemm tiles whole).
 _COL_ALIGN = 16
 # Tiles needed only when the residual/gate aliases out: bound them to this many bytes.
@@ -86,81 +90,22 @@ _EMPTY.flags.writeable = False
 _COMBINE = {"add": 1, "mul": 2}
 
 
-# --- BLAS thread control --------------------------------------------------------------------------
+# --- threads --------------------------------------------------------------------------------------
 
-
-class _BlasThreads:
-    """get/set of the OpenBLAS thread count of the library numpy loaded (None if not found)."""
-
-    _SYMS = (
-        ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-        ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-        ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-        ("openblas_get_num_threads", "openblas_set_num_threads"),
-    )
-
-    def __init__(self) -> None:
-        self.get: Callable[[], int] | None = None
-        self.set: Callable[[int], None] | None = None
-        self.shutdown: Callable[[], object] | None = None
-        for path in self._candidates():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for g, s in self._SYMS:
-                if hasattr(lib, g) and hasattr(lib, s):
-                    getf, setf = getattr(lib, g), getattr(lib, s)
-                    getf.restype = ctypes.c_int
-                    getf.argtypes = []
-                    setf.restype = None
-                    setf.argtypes = [ctypes.c_int]
-                    self.get, self.set = getf, setf
-                    if hasattr(lib, "blas_thread_shutdown_"):
-                        self.shutdown = lib.blas_thread_shutdown_
-                        self.shutdown.restype = ctypes.c_int
-                        self.shutdown.argtypes = []
-                    return
-
-    @staticmethod
-    def _candidates() -> list[str]:
-        paths: list[str] = []
-        try:
-            with open("/proc/self/maps") as f:
-                for line in f:
-                    p = line.rsplit(None, 1)[-1]
-                    if "openblas" in os.path.basename(p).lower() and p not in paths:
-                        paths.append(p)
-        except OSError:
-            pass
-        libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-        paths += [p for p in glob.glob(os.path.join(libdir, "*openblas*")) if p not in paths]
-        return paths
-
-
-_blas: _BlasThreads | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _lock = threading.Lock()
 
 
-def _blas_threads() -> _BlasThreads:
-    global _blas
-    if _blas is None:
-        _blas = _BlasThreads()
-    return _blas
-
-
 def linear_workers() -> int:
-    """How many threads ``linear`` spreads a large product over (the OpenBLAS thread count).
+    """How many threads ``linear`` spreads a large product over: ``kernel_workers()`` (Numba's
+    thread count, NUMBA_NUM_THREADS, capped by the CPUs this process may use; 1 when the BLAS
+    thread count cannot be controlled, then BLAS threads itself).
 
-    1 when the BLAS thread count cannot be controlled (then BLAS threads itself).  Set the
-    OpenBLAS thread count (``OPENBLAS_NUM_THREADS``) to change it.
+    It used to be OpenBLAS' current thread count; that reads 1 while the executor keeps BLAS
+    pinned to one thread for a whole run, so the worker count no longer follows it.
     """
-    b = _blas_threads()
-    if b.get is None:
-        return 1
-    return max(1, int(b.get()))
+    return kernel_workers()
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:
@@ -406,7 +351,10 @@ def linear(
 
     # how many workers: worth it when the product or the decode is big enough
     nw = linear_workers() if workers is None else max(1, int(workers))
-    if 2.0 * m * n * k < _PARALLEL_MIN_FLOP and (is_f32 or n * k < _PARALLEL_MIN_DECODE):
+    if blas_pinned():
+        if 2.0 * m * n * k < _PARALLEL_MIN_FLOP_PINNED:
+            nw = 1
+    elif 2.0 * m * n * k < _PARALLEL_MIN_FLOP and (is_f32 or n * k < _PARALLEL_MIN_DECODE):
         nw = 1
     if panel_rows is None:
         panel_rows = default_panel_rows(k, n)
@@ -438,22 +386,14 @@ def linear(
     if nw == 1:
         job.run(0, m, 0, n, sl(0))
         return out
-    blas = _blas_threads()
-    with _lock:
-        prev = blas.get()
-        blas.set(1)
-        if prev > 1 and blas.shutdown is not None:
-            blas.shutdown()
+    with _lock, blas_single_threaded():
+        pool = _get_pool(nw - 1)
+        futs = [pool.submit(job.run, *rc, sl(i + 1)) for i, rc in enumerate(rects[1:])]
         try:
-            pool = _get_pool(nw - 1)
-            futs = [pool.submit(job.run, *rc, sl(i + 1)) for i, rc in enumerate(rects[1:])]
-            try:
-                job.run(*rects[0], sl(0))
-            finally:
-                for f in futs:
-                    f.result()
+            job.run(*rects[0], sl(0))
         finally:
-            blas.set(prev)
+            for f in futs:
+                f.result()
     return out
 
 

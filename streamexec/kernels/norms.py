@@ -21,6 +21,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from streamexec.kernels._serial import run as _run
 from streamexec.kernels.activations import silu_f32
 from streamexec.kernels.decode import readonly_flat
 
@@ -172,7 +173,8 @@ def group_norm_accumulate(x_band: np.ndarray, num_groups: int, acc: np.ndarray |
     if not 0 <= h0 <= h1 <= h:
         raise ValueError(f"rows {rows} outside 0..{h}")
     if h1 > h0 and x4.size:
-        _gn_accumulate(readonly_flat(np.asarray(x4)), n, c, h, w, h0, h1, num_groups, acc)
+        _run(_gn_accumulate, n * c * (h1 - h0) * w, readonly_flat(np.asarray(x4)), n, c, h, w, h0, h1, num_groups,
+             acc)
     return acc
 
 
@@ -234,8 +236,8 @@ def group_norm_apply(x_band: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
     elif out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != x_band.shape:
         raise ValueError("out must be a C-contiguous float32 array shaped like x_band")
     if x4.size:
-        _gn_apply(readonly_flat(x4), out.reshape(-1), n, c, h * w, groups, readonly_flat(mean),
-                  readonly_flat(rstd), _vec(gamma, c, "gamma"), _vec(beta, c, "beta"), bool(silu))
+        _run(_gn_apply, x4.size, readonly_flat(x4), out.reshape(-1), n, c, h * w, groups, readonly_flat(mean),
+             readonly_flat(rstd), _vec(gamma, c, "gamma"), _vec(beta, c, "beta"), bool(silu))
     return out
 
 
@@ -347,8 +349,8 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None,
         raise ValueError("shift and scale must have the same number of rows")
     rpm = rpm if shift is not None else rpm2
     if m and d:
-        _layer_norm_kernel(readonly_flat(x), out.reshape(-1), m, d, float(eps),
-                           _vec(gamma, d, "gamma"), _vec(beta, d, "beta"), sh, sc, rpm)
+        _run(_layer_norm_kernel, m * d, readonly_flat(x), out.reshape(-1), m, d, float(eps), _vec(gamma, d, "gamma"),
+             _vec(beta, d, "beta"), sh, sc, rpm)
     return out
 
 
@@ -362,6 +364,5 @@ def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float,
     m, d = _rows(x)
     out = _out_like(x, out)
     if m and d:
-        _rms_norm_kernel(readonly_flat(x), out.reshape(-1), m, d, float(eps),
-                         _vec(weight, d, "weight"))
+        _run(_rms_norm_kernel, m * d, readonly_flat(x), out.reshape(-1), m, d, float(eps), _vec(weight, d, "weight"))
     return out
