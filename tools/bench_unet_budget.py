@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-MIB = 1 << 20
+from _bench_common import MIB, ChildFailed, ensure_checkpoint, path_bytes, rel_err, run_child
 
 OURS = r"""
 import json, sys, time
@@ -71,10 +69,10 @@ print(json.dumps({"step_seconds": times, "peak_rss": rss, "wall": time.perf_coun
 
 
 def run(code: str, *args: str) -> dict:
-    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"subprocess failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    try:
+        return run_child([sys.executable, "-c", code, *args])
+    except ChildFailed as e:
+        raise SystemExit(f"subprocess failed:\n{e.stderr[-3000:]}") from None
 
 
 def main() -> None:
@@ -93,11 +91,8 @@ def main() -> None:
     from streamexec.sizes import parse_size
 
     ckpt = Path(args.ckpt)
-    if not (ckpt / "config.json").exists():
-        print(f"writing the random-weight SD 1.5 UNet (fp16) to {ckpt} ...", file=sys.stderr)
-        subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), "unet", str(ckpt), "--preset", "sd15",
-                        "--dtype", "fp16"], check=True)
-    ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    ensure_checkpoint(ckpt, "unet", "--preset", "sd15", "--dtype", "fp16", marker="config.json")
+    ckpt_bytes = path_bytes(ckpt)
     tmp = Path(tempfile.mkdtemp(prefix="bench-unet-"))
     rng = np.random.default_rng(0)
     lat = args.size // 8
@@ -127,7 +122,7 @@ def main() -> None:
     report = {"checkpoint": str(ckpt), "checkpoint_bytes": ckpt_bytes, "size": args.size, "batch": args.batch,
               "rows": []}
     for r in rows:
-        err = None if ref is None else float(np.abs(r["output"] - ref).max() / np.abs(ref).max())
+        err = None if ref is None else rel_err(r["output"], ref)
         report["rows"].append({k: v for k, v in r.items() if k != "output"} | {"rel_err_vs_diffusers": err})
     if args.json:
         print(json.dumps(report, indent=1))
