@@ -255,6 +255,12 @@ CONV_CASES = [
     (2, 64, 96, 8, 8, 3, 1, (1, 1, 1, 1), False, None, 32, "F16", "F16"),
     (1, 32, 24, 30, 31, 3, 1, (1, 1, 1, 1), True, 7, None, "F8_E4M3", "F32"),
     (2, 48, 40, 41, 37, 3, 2, (0, 1, 0, 1), False, 3, 8, "F32", "F32"),
+    # > 128 input channels: the reduction is split in K chunks accumulated by sgemm (beta = 1)
+    (2, 300, 40, 6, 7, 3, 1, (1, 1, 1, 1), False, None, None, "F16", "F16"),  # 3 chunks of 100
+    (1, 260, 33, 5, 6, 3, 1, (1, 1, 1, 1), True, 2, 16, "BF16", "F32"),  # + upsample, panels
+    (2, 200, 24, 9, 9, 3, 2, (0, 1, 0, 1), False, None, None, "F32", "F32"),  # F32 strided panels
+    (1, 150, 20, 7, 7, 3, 1, (1, 1, 1, 1), False, None, 8, "F8_E4M3", None),
+    (2, 256, 64, 8, 8, 3, 1, (1, 1, 1, 1), False, None, 16, "BF16", "BF16"),  # workers + groups
 ]
 
 

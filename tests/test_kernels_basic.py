@@ -689,3 +689,32 @@ def test_all_finite():
             assert not act.all_finite(y)
             assert not act.all_finite(y.reshape(7, 143)[:, ::1].T)  # non-contiguous path
     assert act.all_finite(np.full(64, np.finfo(np.float32).max, np.float32))  # no overflow to inf
+
+
+@pytest.mark.parametrize("tag", sorted(DECODE_TAGS))
+def test_decode_block_matches_full_decode(tag):
+    # conv2d's K split decodes column blocks of a [Cout, K] weight: bit-identical to decode_to_f32
+    from streamexec.kernels.decode import decode_block_to_f32
+
+    w = _stored(RNG.standard_normal((13, 70)).astype(np.float32), tag)
+    if tag != "F32":  # every bit pattern, NaN/inf/subnormal codes included
+        bits = np.arange(w.size, dtype=np.uint64) * 997 % (1 << (8 * w.dtype.itemsize))
+        w = bits.astype(np.uint16 if w.dtype.itemsize == 2 else np.uint8).view(w.dtype).reshape(13, 70)
+    full = decode_to_f32(w, tag).view(np.uint32)
+    for c0, c1 in ((0, 70), (5, 38), (69, 70), (7, 7)):
+        out = np.empty(13 * (c1 - c0), np.float32)
+        decode_block_to_f32(_ro(w), tag, c0, c1, out)
+        np.testing.assert_array_equal(out.view(np.uint32).reshape(13, c1 - c0), full[:, c0:c1])
+
+
+def test_sgemm_into_accumulates_on_strided_views():
+    from streamexec.kernels.attention import sgemm_into
+
+    a = RNG.standard_normal((40, 90)).astype(np.float32)
+    b = RNG.standard_normal((90, 70)).astype(np.float32)
+    c = np.full((40, 100), 7.0, np.float32)
+    sgemm_into(a[:, :50], b[:50, 3:63], c[:, 20:80], False)
+    sgemm_into(a[:, 50:], b[50:, 3:63], c[:, 20:80], True)
+    ref = a.astype(np.float64) @ b[:, 3:63].astype(np.float64)
+    assert _rel_err(c[:, 20:80], ref) < 1e-5
+    assert (c[:, :20] == 7.0).all() and (c[:, 80:] == 7.0).all()

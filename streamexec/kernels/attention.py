@@ -97,6 +97,19 @@ class _BlasControl:
         if self.shutdown is not None:
             self.shutdown.argtypes = []
             self.shutdown.restype = ctypes.c_int
+        # cblas_sgemm with beta (numpy's matmul cannot accumulate into C): only the symbols
+        # whose integer width is known from the name (ILP64 "64_" suffix, scipy-openblas32)
+        self.sgemm = None
+        for name, blasint in (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64),
+                              ("scipy_cblas_sgemm", ctypes.c_int32)):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = None
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, blasint, blasint, blasint, ctypes.c_float,
+                               ctypes.c_void_p, blasint, ctypes.c_void_p, blasint, ctypes.c_float, ctypes.c_void_p,
+                               blasint]
+                self.sgemm = fn
+                break
 
 
 def _find_blas_thread_control() -> _BlasControl | None:
@@ -188,6 +201,42 @@ def blas_pinned() -> bool:
 def parallel_min_flops() -> float:
     """Flops below which a kernel call runs in the calling thread (see ``PARALLEL_MIN_FLOPS``)."""
     return PARALLEL_MIN_FLOPS_PINNED if _BLAS_DEPTH > 0 else PARALLEL_MIN_FLOPS
+
+
+_SGEMM_OK: bool | None = None
+
+
+def _cblas_sgemm():
+    """The BLAS ``cblas_sgemm`` (checked once on a small product), or None."""
+    global _SGEMM_OK
+    ctl = _blas_ctl()
+    fn = None if ctl is None else ctl.sgemm
+    if fn is None:
+        return None
+    if _SGEMM_OK is None:
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((5, 7), dtype=np.float32), rng.standard_normal((7, 9), dtype=np.float32)
+        c = np.ones((5, 12), np.float32)
+        fn(101, 111, 111, 5, 9, 7, 1.0, a.ctypes.data, 7, b.ctypes.data, 9, 1.0, c.ctypes.data, 12)
+        want = a.astype(np.float64) @ b.astype(np.float64) + 1.0
+        _SGEMM_OK = bool(np.allclose(c[:, :9], want, rtol=1e-5, atol=1e-5) and np.all(c[:, 9:] == 1.0))
+    return fn if _SGEMM_OK else None
+
+
+def sgemm_into(a: np.ndarray, b: np.ndarray, c: np.ndarray, accumulate: bool) -> None:
+    """``c = a @ b`` or ``c += a @ b`` (float32 2-D views with unit inner stride, any row
+    stride; ``c`` must not overlap ``a``/``b``): cblas_sgemm with beta 0 or 1, so a K-split
+    product accumulates in place. Without a usable cblas_sgemm: numpy matmul (+ an add)."""
+    fn = _cblas_sgemm()
+    m, k = a.shape
+    n = b.shape[1]
+    if fn is not None and m and n and k and a.strides[1] == b.strides[1] == c.strides[1] == 4:
+        fn(101, 111, 111, m, n, k, 1.0, a.ctypes.data, a.strides[0] // 4, b.ctypes.data, b.strides[0] // 4,
+           1.0 if accumulate else 0.0, c.ctypes.data, c.strides[0] // 4)
+    elif accumulate:
+        c += a @ b
+    else:
+        np.matmul(a, b, out=c)
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -39,7 +39,7 @@ from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-__all__ = ["DECODE_TAGS", "decode_to_f32", "as_f32", "readonly_flat"]
+__all__ = ["DECODE_TAGS", "decode_to_f32", "decode_block_to_f32", "as_f32", "readonly_flat"]
 
 #: dtype tags ``decode_to_f32`` understands, with the storage numpy dtype each must arrive in.
 DECODE_TAGS: dict[str, np.dtype] = {
@@ -203,6 +203,65 @@ _KERNELS = {
     "F8_E4M3": (_e4m3_serial, _e4m3_parallel),
     "F8_E5M2": (_e5m2_serial, _e5m2_parallel),
 }
+
+
+# --- column blocks of a 2-D weight: rows r of src[r, c0:c1] -> dst (contiguous) -----------------
+# (conv2d's K-split: a panel of output channels x a chunk of input channels; serial, it runs
+# inside a worker; loops over slices from 0 so they vectorise)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _block_u16(src, ld, rows, c0, c1, dst, is_bf16):
+    w = c1 - c0
+    for r in range(rows):
+        s = src[r * ld + c0 : r * ld + c1]
+        d = dst[r * w : (r + 1) * w]
+        if is_bf16:
+            for j in range(w):
+                d[j] = np.uint32(s[j]) << np.uint32(16)
+        else:
+            for j in range(w):
+                d[j] = f16_bits_to_f32_bits(s[j])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _block_u8(src, ld, rows, c0, c1, dst, is_e4m3):
+    w = c1 - c0
+    for r in range(rows):
+        s = src[r * ld + c0 : r * ld + c1]
+        d = dst[r * w : (r + 1) * w]
+        if is_e4m3:
+            for j in range(w):
+                d[j] = e4m3_bits_to_f32_bits(s[j])
+        else:
+            for j in range(w):
+                d[j] = e5m2_bits_to_f32_bits(s[j])
+
+
+def decode_block_to_f32(raw: np.ndarray, dtype: str, c0: int, c1: int, out: np.ndarray) -> np.ndarray:
+    """Decode the column block ``raw[:, c0:c1]`` of a C-contiguous 2-D stored weight into the
+    C-contiguous float32 ``out`` (``raw.shape[0] * (c1 - c0)`` elements), bit-exactly as
+    :func:`decode_to_f32`; serial. Returns ``out``."""
+    want = DECODE_TAGS.get(dtype)
+    if want is None:
+        raise ValueError(f"cannot decode dtype {dtype!r}; known: {sorted(DECODE_TAGS)}")
+    if raw.ndim != 2 or raw.dtype.itemsize != want.itemsize:
+        raise TypeError(f"{dtype} block must come from a 2-D array stored as {want}, got {raw.dtype} {raw.shape}")
+    rows, k = raw.shape
+    if not 0 <= c0 <= c1 <= k:
+        raise ValueError(f"columns {c0}:{c1} outside 0..{k}")
+    if out.dtype != np.float32 or not out.flags.c_contiguous or out.size != rows * (c1 - c0):
+        raise ValueError(f"out must be a C-contiguous float32 array of {rows * (c1 - c0)} elements")
+    if out.size == 0:
+        return out
+    dst = out.reshape(-1).view(np.uint32)
+    if dtype == "F32":
+        dst[...] = readonly_flat(raw, np.uint32).reshape(rows, k)[:, c0:c1].reshape(-1)
+    elif want.itemsize == 2:
+        _block_u16(readonly_flat(raw, np.uint16), k, rows, c0, c1, dst, dtype == "BF16")
+    else:
+        _block_u8(readonly_flat(raw, np.uint8), k, rows, c0, c1, dst, dtype == "F8_E4M3")
+    return out
 
 
 def readonly_flat(a: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
