@@ -103,6 +103,19 @@ def _own_cpu() -> float:
     return t.user + t.system
 
 
+def wait_idle(limit: float) -> float:
+    """Wait (up to ``limit`` seconds) until other processes use < 20 % of the machine over 3 s;
+    returns the share measured last (the machine is shared: other benchmarks, test runs)."""
+    deadline = time.monotonic() + limit
+    while True:
+        b0, t0 = _machine_busy(), time.monotonic()
+        time.sleep(3)
+        share = (_machine_busy() - b0) / (time.monotonic() - t0) / (os.cpu_count() or 1)
+        if share < 0.2 or time.monotonic() >= deadline:
+            return share
+        print(f"  waiting for other jobs ({100 * share:.0f} % CPU busy) ...", file=sys.stderr, flush=True)
+
+
 def run_child(cmd: list[str], env: dict[str, str]) -> dict:
     """The child's JSON result (with ``peak_rss_wait4``), or {"failed", "stderr"}."""
     try:
@@ -251,9 +264,11 @@ def bench_case(case: str, args, tmp: Path, env_ours: dict, env_torch: dict) -> d
                     "repeat": args.repeat, "threads": n, "budget": args.budget or budget}
             spec_path = tmp / f"spec-{case}-{side}-{rnd}.json"
             spec_path.write_text(json.dumps(spec))
+            busy = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
             print(f"[{time.strftime('%H:%M:%S')}] {case} {side} round {rnd + 1}/{args.rounds} "
                   f"(load {os.getloadavg()[0]:.2f}) ...", file=sys.stderr, flush=True)
             r = run_child([sys.executable, __file__, "--child", str(spec_path)], env)
+            r["busy_before"] = busy
             if r.get("calls"):
                 print(f"  best {best(r):.3f} s, peak RSS {r['peak_rss'] / MIB:.0f} MiB", file=sys.stderr, flush=True)
             else:
@@ -310,6 +325,8 @@ def main() -> None:
     ap.add_argument("--no-avx", action="store_true",
                     help="streamexec with NUMBA_CPU_NAME=generic OPENBLAS_CORETYPE=Nehalem, torch with "
                          "ATEN_CPU_CAPABILITY=default")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                    help="before each child wait up to this long for other jobs to leave the CPU idle")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     ap.add_argument("--json-out", help="also write the JSON report here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
