@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from _fuzz_strategies import JUNK, mutate, plan_paths
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -88,28 +89,6 @@ def plan_dict(tmp_path_factory) -> dict:
     return yaml.safe_load(_plan_text(tmp_path_factory.mktemp("fuzzplan")))
 
 
-def _mutate(d, path: list, value):
-    cur = d
-    for k in path[:-1]:
-        cur = cur[k]
-    cur[path[-1]] = value
-
-
-def _paths(d, prefix=()):
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield (*prefix, k)
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(d, list):
-        for i, v in enumerate(d[:3]):
-            yield (*prefix, i)
-            yield from _paths(v, (*prefix, i))
-
-
-JUNK = st.one_of(st.none(), st.integers(-5, 10**12), st.text(max_size=8), st.lists(st.integers(-2, 5), max_size=3),
-                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.booleans(), st.floats())
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_plans_fail_cleanly(plan_dict: dict, tmp_path_factory, data) -> None:
@@ -120,11 +99,11 @@ def test_fuzzed_plans_fail_cleanly(plan_dict: dict, tmp_path_factory, data) -> N
     from streamexec.planner.plan import graph_from_dict, read_plan_dict
 
     d = copy.deepcopy(plan_dict)
-    paths = list(_paths(d))
+    paths = list(plan_paths(d))
     for _ in range(data.draw(st.integers(1, 3))):
         p = data.draw(st.sampled_from(paths))
         try:
-            _mutate(d, list(p), data.draw(JUNK))
+            mutate(d, list(p), data.draw(JUNK))
         except (KeyError, IndexError, TypeError):
             pass
     f = tmp_path_factory.mktemp("f") / "p.yaml"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fuzz_strategies import headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -175,22 +176,6 @@ def test_missing_tensor_and_missing_file(tmp_path: Path) -> None:
     save_file({"w": torch.ones(2)}, str(path))
     with SafetensorsFile(path) as f, pytest.raises(CheckpointError, match="no tensor named 'x'"):
         f.view("x")
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
-    max_leaves=20,
-)
-entries = st.fixed_dictionaries(
-    {
-        "dtype": st.sampled_from(["F32", "BF16", "F8_E4M3", "I64", "XX", 1]),
-        "shape": st.lists(st.integers(-2, 40), max_size=4) | json_values,
-        "data_offsets": st.lists(st.integers(-10, 2**66), min_size=0, max_size=3) | json_values,
-    }
-)
-headers = st.dictionaries(st.text(max_size=10), entries | json_values, max_size=6)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
