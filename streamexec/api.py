@@ -27,12 +27,19 @@ class StreamedModel:
     """A component of a checkpoint, run layer by layer. Graphs are built per input shape."""
 
     def __init__(self, ckpt: Checkpoint, comp: Component, memory_budget: int | str | None,
-                 baseline: int | None = None, scratch_dir: str | None = None) -> None:
+                 baseline: int | None = None, scratch_dir: str | None = None, *, strict: bool = False) -> None:
         self.checkpoint = ckpt
         self.component = comp
         self.config = dict(comp.config or {})
         self.memory_budget = memory_budget
         self.baseline = baseline
+        self._own_baseline = baseline is not None  # the caller's number, not this process's RSS
+        #: the budget guard (runtime/guard.py; see ``_guard_limit`` for when it applies):
+        #: ``strict`` raises BudgetExceeded naming the op when the process goes over the budget;
+        #: otherwise the rest of the run is cut finer and the adapted schedule is kept for the
+        #: next calls. ``guard = False`` runs exactly the plan, unchecked.
+        self.strict = strict
+        self.guard = True
         self.scratch_dir = scratch_dir
         self.store: WeightStore = ckpt.store(comp.name)
         self._graphs: dict[tuple, tuple[Graph, Fit]] = {}
@@ -75,9 +82,29 @@ class StreamedModel:
             self._graphs[key] = (graph, self._from_plan(graph) or self.fit(graph))
         graph, fit = self._graphs[key]
         self.last_fit = fit
-        ex = Executor(graph, self.store, fit.schedule, trace=self.trace, scratch_dir=self.scratch_dir)
+        ex = Executor(graph, self.store, fit.schedule, trace=self.trace, scratch_dir=self.scratch_dir,
+                      budget=self._guard_limit(fit), strict=self.strict)
         self.last_executor = ex
-        return ex.run(feeds)
+        out = ex.run(feeds)
+        if ex.schedule is not fit.schedule:  # the guard adapted it: the next calls start from there
+            fit.schedule = ex.schedule
+        return out
+
+    def _guard_limit(self, fit: Fit) -> int | None:
+        """The RSS bound the budget guard checks the process against, or None (no guard).
+
+        A byte budget bounds the whole process when the baseline is this process's (measured, or
+        the plan's): that is the bound; with ``"min"`` it is the planner's own smallest peak (what
+        it claims the run takes). With a baseline of the caller's (``baseline=0``: "the model gets
+        this much") the budget is not a bound on the process the OS could check — other threads,
+        the caller's arrays, JIT code all share the RSS — so there is no guard."""
+        if not self.guard or self._own_baseline:
+            return None
+        if isinstance(self.memory_budget, int):
+            return self.memory_budget
+        if self.memory_budget == "min" and isinstance(fit.budget, int):
+            return fit.budget
+        return None
 
     def fit(self, graph: Graph) -> Fit:
         """The schedule for ``graph`` within this model's budget (raises BudgetError if none)."""
@@ -251,7 +278,8 @@ MODEL_CLASSES: dict[str, type[StreamedModel]] = {
 
 
 def load(path: str | Path, component: str | None = None, memory_budget: str | int | None = None,
-         variant: str | None = None, *, baseline: int | None = None, scratch_dir: str | None = None) -> StreamedModel:
+         variant: str | None = None, *, baseline: int | None = None, scratch_dir: str | None = None,
+         strict: bool = False) -> StreamedModel:
     """Open ``path`` (file, component folder or pipeline folder) and return one component, ready
     to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound,
     the fastest schedule; "min" = the smallest-footprint schedule).
@@ -259,11 +287,13 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
     ``baseline``: bytes of the process that are not the model's (default: measured — this
     process's RSS with the kernels loaded). Pass 0 to give the model ``memory_budget`` for its
     own weights, activations and scratch, e.g. when embedding streamexec in a larger program.
-    ``scratch_dir``: where activations that do not fit are spilled (default: the temp folder)."""
+    ``scratch_dir``: where activations that do not fit are spilled (default: the temp folder).
+    ``strict``: if the process goes over a byte budget anyway (a planner mistake), raise
+    ``BudgetExceeded`` naming the op instead of adapting the rest of the run (the default)."""
     ckpt = open_checkpoint(path, variant=variant)
     comp = ckpt.component(component)
     cls = MODEL_CLASSES.get(comp.name)
     if cls is None:
         raise StreamexecError(f"component {comp.name!r} cannot be run yet (supported: {', '.join(MODEL_CLASSES)})")
     budget = memory_budget if memory_budget in (None, "min") else parse_size(memory_budget)
-    return cls(ckpt, comp, budget, baseline, scratch_dir)
+    return cls(ckpt, comp, budget, baseline, scratch_dir, strict=strict)

@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from --latents-out checkpoints")
     r.add_argument("--trace", help="write a per-op trace (JSON)")
     r.add_argument("--scratch-dir", help="where activations that do not fit are spilled (default: the temp folder)")
-    r.add_argument("--strict", action="store_true", help="abort if RSS exceeds the budget")
+    r.add_argument(
+        "--strict", action="store_true",
+        help="fail (no image) at the op that takes the process over the memory budget; by default the "
+        "budget guard cuts the rest of the run finer and warns",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
     _add_common(r)

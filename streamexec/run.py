@@ -3,7 +3,13 @@
 Resolves where the model is and what the run settings are (command line > plan > the model's
 defaults), opens the text-to-image pipeline inside the memory budget, shows progress, writes the
 image atomically with its parameters, and keeps per-step latents checkpoints for ``--resume``.
-Ctrl-C / SIGTERM leave no partial PNG and no scratch files."""
+Ctrl-C / SIGTERM leave no partial PNG and no scratch files.
+
+Every component runs under the budget guard (``runtime/guard.py``): if the process goes over the
+budget anyway (a planner mistake), the rest of the run is cut finer and a ``warning: budget
+guard: ...`` line says so; with ``--strict`` the run stops at that op instead (one error line
+naming it, exit 2, no PNG, the spill folder removed), and the process peak is checked once more
+after the pipeline (tokenizer, PNG encoding)."""
 
 from __future__ import annotations
 
@@ -196,9 +202,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             follow_plan(pipe, plan)
         check_budget_first(pipe, params_probe, budget)
         start_step, start_latents, start_state = _resume_state(args, params_probe)
-        if args.trace:
-            for m in pipe.models.values():
-                m.trace = True
+        for m in pipe.models.values():
+            m.trace = bool(args.trace)
+            m.strict = bool(args.strict)  # the guard aborts at the op that overshoots
 
         def on_step(i: int, latents: np.ndarray) -> None:
             if args.latents_out:  # a resumable checkpoint after every denoiser call
@@ -210,15 +216,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = pipe(req, progress=progress, on_step=on_step, start_step=start_step,
-                          start_latents=start_latents, start_state=start_state)
-        for w in caught:
-            _log(f"warning: {w.message}")
-        if args.strict and isinstance(budget, int):
-            from .runtime.process import peak_rss
+            try:
+                result = pipe(req, progress=progress, on_step=on_step, start_step=start_step,
+                              start_latents=start_latents, start_state=start_state)
+            finally:  # also when it fails: what the budget guard did before a --strict stop
+                for w in caught:
+                    _log(f"warning: {w.message}")
+        if args.strict and isinstance(budget, int):  # outside the ops too (tokenizer, PNG encoding)
+            from .runtime.guard import process_peak
 
-            if peak_rss() > budget:
-                raise StreamexecError(f"--strict: peak RSS {format_size(peak_rss())} exceeded the budget "
+            if process_peak() > budget:
+                raise StreamexecError(f"--strict: peak RSS {format_size(process_peak())} exceeded the budget "
                                       f"{format_size(budget)}; image not written")
         if args.latents_out:
             save_npy(args.latents_out, result.latents)
@@ -230,11 +238,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, old)
         pipe.close()
-    if args.trace:  # per-op peak windows reset VmHWM: the run's peak is the largest window
-        from .runtime.process import peak_rss
+    # per-op trace windows and the budget guard reset VmHWM: they note the peak before they do
+    from .runtime.guard import process_peak
 
-        windows = [r.peak_rss for m in pipe.models.values() if m.last_executor for r in m.last_executor.records]
-        progress.peak_override = max(windows + [peak_rss()])
+    progress.peak_override = process_peak()
     print(progress.summary(result.stage_seconds, time.perf_counter() - t0, result.bytes_streamed, str(out)))
     if "demo" in str(model) and "demo-v" in str(model):
         print("note: the demo model has random weights, so the picture is noise. For real images: "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from ..kernels.activations import all_finite
 from ..kernels.attention import blas_single_threaded
 from ..models.graph import Graph
 from ..weights.store import WeightStore
+from .guard import BudgetGuard, GuardEvent, ParamMenus, malloc_trim, note_peak
 from .ops import OPS, OpContext
 from .process import current_rss, peak_rss, reset_peak_rss, tune_malloc
 from .spill import Spilled, SpillStore
@@ -78,13 +79,27 @@ class OpRecord:
 
 
 class Executor:
-    """Runs ``graph`` with weights from ``store`` under ``schedule``."""
+    """Runs ``graph`` with weights from ``store`` under ``schedule``.
+
+    ``budget`` (bytes of RSS of the whole process) turns on the budget guard
+    (``runtime/guard.py``): after every op the process is sampled; going over the budget raises
+    ``BudgetExceeded`` naming the op with ``strict``, else the rest of the run is cut finer (no
+    weights mapped ahead, one op per unit, smaller kernel parameters) on a copy of the schedule
+    — ``self.schedule`` is then the adapted one and ``self.guard_events`` says what happened."""
 
     def __init__(self, graph: Graph, store: WeightStore, schedule: Schedule | None = None,
-                 *, trace: bool = False, check_finite: bool = True, scratch_dir: str | None = None) -> None:
+                 *, trace: bool = False, check_finite: bool = True, scratch_dir: str | None = None,
+                 budget: int | None = None, strict: bool = False) -> None:
         self.graph = graph
         self.store = store
         self.schedule = schedule or Schedule.by_unit(graph)
+        self.budget = budget
+        self.strict = strict
+        self.guard_events: list[GuardEvent] = []
+        self._guard: BudgetGuard | None = None
+        self._adapted = False
+        self._streamed_from: int | None = None  # the unit where the guard began streaming op by op
+        self._menus: ParamMenus | None = None
         self.trace = trace
         self.check_finite = check_finite
         self.scratch_dir = scratch_dir
@@ -135,14 +150,18 @@ class Executor:
     def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         tune_malloc()
         env = self._check_feeds(feeds)
-        sched = self.schedule
-        units = sched.units
         store = self.store
-        spills = SpillStore(self.scratch_dir) if (sched.spill_after or sched.disk_out) else None
-        if units and sched.prefetch_mode(0) != "none":
+        spills = SpillStore(self.scratch_dir) if (self.schedule.spill_after or self.schedule.disk_out) else None
+        if self.budget is not None:
+            self._guard = BudgetGuard(self.budget, strict=self.strict, model=self.graph.model)
+            self.guard_events = self._guard.events
+        if self.schedule.units and self.schedule.prefetch_mode(0) != "none":
             store.prefetch(self._unit_weights[0])  # the first unit: nothing to overlap with yet
         try:
-            for u, unit in enumerate(units):
+            u = 0
+            while u < len(self.schedule.units):  # the guard may split the units after ``u``
+                sched = self.schedule
+                unit = sched.units[u]
                 t0 = time.perf_counter()
                 if u > 0 and sched.prefetch_mode(u - 1) != "populate":
                     # not mapped ahead: fault the unit's weights in now, before the kernels touch
@@ -150,7 +169,7 @@ class Executor:
                     store.prefetch(self._unit_weights[u])
                 store.wait()
                 self.wait_seconds += time.perf_counter() - t0
-                if u + 1 < len(units):
+                if u + 1 < len(sched.units):
                     mode = sched.prefetch_mode(u)
                     if mode == "populate":
                         store.prefetch(self._unit_weights[u + 1])
@@ -167,10 +186,12 @@ class Executor:
                                 spills.put(t, env[t])  # type: ignore[union-attr]
                             del env[t]
                     if i != unit[-1]:
-                        self._close_window()
+                        self._after_op(i, u)
+                units = self.schedule.units
                 keep = set(self._unit_weights[u + 1]) if u + 1 < len(units) else set()
                 store.release([k for k in self._unit_weights[u] if k not in keep])
-                self._close_window()
+                self._after_op(unit[-1], u)
+                u += 1
         except BaseException:
             try:  # let the prefetch thread finish before the caller tears things down
                 store.wait()
@@ -182,7 +203,23 @@ class Executor:
                 self.spill_bytes_written = spills.bytes_written
                 self.spill_bytes_read = spills.bytes_read
                 spills.close()
+            if self._guard is not None:
+                self._guard.close()
+        self._settle()
         return [env[t] for t in self.graph.outputs]
+
+    def _settle(self) -> None:
+        """After a run the guard adapted: the unit that overshot is also split one op per unit in
+        ``self.schedule`` (too late for this run, not for the next call that starts from it)."""
+        u = self._streamed_from
+        if u is None or len(self.schedule.units[u]) < 2:
+            return
+        s = self.schedule
+        assert s.prefetch is not None
+        split = [[j] for j in s.units[u]]
+        s.units[u:u + 1] = split
+        s.prefetch[u:u + 1] = [s.prefetch[u]] * len(split)
+        self._unit_weights[u:u + 1] = [sorted(set(self.graph.ops[j].weights.values())) for [j] in split]
 
     def _run_op(self, i: int, env: dict[str, np.ndarray], spills: SpillStore | None) -> None:
         op = self.graph.ops[i]
@@ -221,12 +258,71 @@ class Executor:
                 0, self.schedule.planned_bytes.get(i, 0),
             ))
 
-    def _close_window(self) -> None:
-        """Attribute the peak RSS since the last reset to the op that just finished (its window
-        ends after its unit's weights are released, before the next op starts)."""
-        if self.trace and self.records and self._can_reset_peak:
-            self.records[-1].peak_rss = peak_rss()
+    def _after_op(self, i: int, u: int) -> None:
+        """After op ``i`` of unit ``u`` (for a unit's last op: after its weights are released):
+        attribute the peak RSS since the last reset to the op (trace), and let the budget guard
+        look at the process (one read of /proc/self/status)."""
+        g = self._guard
+        window = self.trace and self.records and self._can_reset_peak
+        if g is None:
+            if window:
+                self.records[-1].peak_rss = hwm = peak_rss()
+                note_peak(hwm)
+                reset_peak_rss()
+            return
+        rss, hwm = g.sampler.sample()
+        if window:
+            self.records[-1].peak_rss = hwm
+        verdict = g.check(hwm, self.schedule.planned_bytes.get(i, 0))
+        if verdict is not None:
+            op = self.graph.ops[i]
+            planned = self.schedule.planned_bytes.get(i, 0)
+            if verdict == "over" and g.strict:
+                g.abort(i, op.name, op.kind, u, rss, hwm, planned)
+            if u >= g.hold_until_unit and not g.exhausted:
+                action, detail = self._adapt(i, u)
+                g.log(GuardEvent(i, op.name, op.kind, u, hwm, rss, g.limit, planned, verdict, action, detail))
+                g.hold_until_unit = u + 1
+                malloc_trim()
+            if verdict == "over" and not window:
+                g.rebase(hwm)  # so that the next overshoot shows too
+        if window:
+            note_peak(hwm)
             reset_peak_rss()
+            g.was_reset(current_rss())
+
+    def _adapt(self, i: int, u: int) -> tuple[str, str]:
+        """Cut the rest of the run finer, one step per call (see ``runtime/guard.py``); the
+        schedule is copied first, so the caller's (a plan's) is never changed."""
+        g = self._guard
+        assert g is not None
+        if not self._adapted:
+            s = self.schedule
+            self.schedule = replace(s, units=[list(x) for x in s.units], op_params={k: dict(v) for k, v in
+                                                                                   s.op_params.items()},
+                                    prefetch=[s.prefetch_mode(k) for k in range(len(s.units))])
+            self._adapted = True
+        s = self.schedule
+        units, prefetch = s.units, s.prefetch
+        assert prefetch is not None
+        later = units[u + 1:]
+        if g.level == 0:
+            g.level = 1
+            if any(len(x) > 1 for x in later) or "populate" in prefetch[u:]:
+                split = [[j] for x in later for j in x]
+                units[u + 1:] = split
+                prefetch[u:] = ["readahead"] * (len(units) - u)
+                self._unit_weights[u + 1:] = [sorted(set(self.graph.ops[j].weights.values())) for [j] in split]
+                self._streamed_from = u
+                return "stream", "from the next op on, one op per unit and no weights mapped ahead"
+        if self._menus is None:
+            self._menus = ParamMenus(self.graph, self.store)
+        changed = self._menus.shrink(s.op_params, range(i + 1, len(self.graph.ops)))
+        if changed:
+            g.level += 1
+            return "shrink", f"{changed} later ops to smaller row chunks/panels/tiles/bands (step {g.level - 1})"
+        g.exhausted = True
+        return "exhausted", "nothing left to shrink (the plan needs a smaller budget or less baseline)"
 
     def trace_json(self) -> dict:
         """The trace as a JSON-able dict (what ``--trace FILE`` writes)."""
@@ -235,6 +331,8 @@ class Executor:
             "wait_seconds": self.wait_seconds,
             "spill_bytes_written": self.spill_bytes_written,
             "spill_bytes_read": self.spill_bytes_read,
+            "budget": self.budget,
+            "guard_events": [asdict(e) for e in self.guard_events],
             "ops": [asdict(r) for r in self.records],
         }
 
