@@ -77,7 +77,7 @@ def _base_safetensors() -> bytes:
 def _message_class(e: BaseException) -> str:
     """An error's kind without the file name and the numbers: what the summary counts."""
     msg = getattr(e, "problem", None) or str(e)
-    msg = re.sub(r"(/[^\s:]+)+", "PATH", msg)
+    msg = re.sub(r"(/[^\s:),;]+)+", "PATH", msg)
     msg = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", msg)
     msg = re.sub(r"-?\d+", "N", msg)
     msg = re.sub(r"\(YAML: .*", "(YAML: …)", msg)
