@@ -264,7 +264,7 @@ CONV_CASES = [
 ]
 
 
-def _run_conv_case(case, x_override=None, out=None):
+def _run_conv_case(case, x_override=None, out=None, algo=None):
     n, cin, cout, h, w, k, stride, pads, up, br, pr, tag, btag = case
     rng = np.random.default_rng(n * 100 + cin * 10 + cout)
     x = rand(rng, n, cin, h, w) if x_override is None else x_override
@@ -274,16 +274,46 @@ def _run_conv_case(case, x_override=None, out=None):
     if btag is not None:
         b_st, b_t = encode_weight(rand(rng, cout), btag)
         b_ref = b_t.numpy().astype(np.float32)
-    res = conv2d(x, w_st, tag, b_st, btag, stride=stride, pad=pads, upsample=up, band_rows=br, panel_rows=pr, out=out)
+    res = conv2d(x, w_st, tag, b_st, btag, stride=stride, pad=pads, upsample=up, band_rows=br, panel_rows=pr, out=out,
+                 algo=algo)
     ref = ref_conv(x, w_t, b_ref, stride, pads, up)
     return res, ref, cin * k * k
 
 
+@pytest.mark.parametrize("algo", ["direct", "winograd"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-s{c[6]}-{c[11]}")
-def test_conv2d_matches_torch(case):
-    res, ref, kk = _run_conv_case(case)
+def test_conv2d_matches_torch(case, algo):
+    """Both algorithms (Winograd F(2x2, 3x3) applies to the 3x3 stride-1 cases; the others run
+    direct either way) within f32 rounding of a float64 torch reference."""
+    res, ref, kk = _run_conv_case(case, algo=algo)
     assert res.dtype == np.float32
     assert rel_err(res, ref) <= 1e-6 * math.sqrt(kk)
+
+
+def test_conv2d_auto_picks_winograd_for_3x3_stride_1():
+    p = conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", pad=(1, 1, 1, 1))
+    assert p["winograd"] == 1
+    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", stride=2)["winograd"] == 0
+    assert conv2d_plan((2, 1280, 8, 8), (1280, 1280, 3, 3), "F16")["winograd"] == 0  # 32 tiles: direct
+    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", band_rows=1)["winograd"] == 0
+    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", algo="direct")["winograd"] == 0
+    with pytest.raises(ValueError):
+        conv2d_plan((2, 3, 4, 4), (3, 3, 3, 3), "F32", algo="fft")
+
+
+def test_winograd_scratch_within_estimate():
+    """Traced allocations of the Winograd path stay within conv2d_scratch_bytes."""
+    rng = np.random.default_rng(16)
+    cin, cout = 96, 80
+    w = encode_weight(rand(rng, cout, cin, 3, 3) * 0.05, "F16")[0]
+    x = rand(rng, 2, cin, 40, 36)
+    out = np.empty((2, cout, 40, 36), np.float32)
+    for br in (None, 2, 6):
+        kw = dict(pad=(1, 1, 1, 1), band_rows=br, out=out, algo="winograd")
+        conv2d(x, w, "F16", **kw)
+        peak = _traced_peak(lambda kw=kw: conv2d(x, w, "F16", **kw))
+        est = conv2d_scratch_bytes(x.shape, w.shape, "F16", pad=(1, 1, 1, 1), band_rows=br, algo="winograd")
+        assert peak <= est + (64 << 10), (br, peak, est)
 
 
 def test_conv2d_symmetric_padding_argument():
@@ -393,10 +423,15 @@ def test_conv2d_plan_defaults():
     # SD 1.5 UNet 1280ch at 8x8: one band, so channel groups keep both workers busy
     p = conv2d_plan((2, 1280, 8, 8), (1280, 1280, 3, 3), "BF16", pad=(1, 1, 1, 1), workers=2)
     assert p["n_bands"] == 1 and p["groups"] == 2 and p["panel_rows"] >= 64
-    # VAE 128ch at 512x512: a band is one row of 512 outputs, scratch a few MB
-    p = conv2d_plan((1, 128, 512, 512), (128, 128, 3, 3), "BF16", pad=(1, 1, 1, 1), workers=2)
+    # VAE 128ch at 512x512: a direct band is one row of 512 outputs, a Winograd band one row of
+    # 256 2x2 tiles; scratch a few MB either way
+    p = conv2d_plan((1, 128, 512, 512), (128, 128, 3, 3), "BF16", pad=(1, 1, 1, 1), workers=2, algo="direct")
     assert p["band_rows"] == 1 and p["groups"] == 1
-    assert conv2d_scratch_bytes((1, 128, 512, 512), (128, 128, 3, 3), "BF16", pad=(1, 1, 1, 1)) < 16 << 20
+    p = conv2d_plan((1, 128, 512, 512), (128, 128, 3, 3), "BF16", pad=(1, 1, 1, 1), workers=2)
+    assert p["winograd"] == 1 and p["band_rows"] == 2 and p["groups"] == 1
+    for algo in ("direct", "winograd"):
+        assert conv2d_scratch_bytes((1, 128, 512, 512), (128, 128, 3, 3), "BF16", pad=(1, 1, 1, 1),
+                                    algo=algo) < 16 << 20
     # F32 weights are read in place: no panel scratch
     assert conv2d_scratch_bytes((1, 8, 4, 4), (8, 8, 1, 1), "F32", padding=0) == 0
 

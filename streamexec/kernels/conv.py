@@ -44,6 +44,8 @@ below aim there while keeping per-worker scratch to a few MB.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit
 
@@ -55,6 +57,7 @@ from streamexec.kernels.attention import (
     sgemm_into,
 )
 from streamexec.kernels.decode import DECODE_TAGS, decode_block_to_f32, decode_to_f32
+from streamexec.kernels.winograd import wino_buffer, wino_buffer_bytes, wino_input, wino_output, wino_weight
 
 __all__ = [
     "conv2d",
@@ -75,6 +78,18 @@ _MIN_PANEL = 64
 _KC_TARGET = 1152
 #: output tile (a group's output channels x the band's columns, accumulated over the K chunks)
 _TILE_BUDGET = 4 << 20
+
+#: Winograd F(2x2, 3x3) (``winograd.py``) for 3x3 stride-1 convolutions: input channels per
+#: reduction chunk (the K of its 16 GEMMs), 2x2 tiles per band (the N of its GEMMs) and the
+#: bound of its [16, group rows, tiles] accumulator per worker.
+_WINO_CI = 256
+_WINO_TILES = 256
+_WINO_ACC_BUDGET = 8 << 20
+_WINO_MIN_TILES = 64
+#: "auto" (Winograd where it applies), "direct" (im2col + GEMM everywhere) or "winograd";
+#: STREAMEXEC_CONV overrides the default, for comparisons.
+ALGOS = ("auto", "direct", "winograd")
+DEFAULT_ALGO = os.environ.get("STREAMEXEC_CONV", "auto") if os.environ.get("STREAMEXEC_CONV") in ALGOS else "auto"
 
 _WEIGHT_TAGS = tuple(DECODE_TAGS)
 _BIAS_TAG_OF_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
@@ -206,6 +221,7 @@ def conv2d_plan(
     band_rows: int | None = None,
     panel_rows: int | None = None,
     workers: int | None = None,
+    algo: str | None = None,
 ) -> dict[str, int]:
     """The schedule :func:`conv2d` will use: band_rows, panel_rows, K chunk, bands, channel groups.
 
@@ -225,24 +241,36 @@ def conv2d_plan(
     _, _, hout, wout = conv2d_out_shape(x_shape, w_shape, stride=stride, padding=padding, pad=pad, upsample=upsample)
     k = cin * kh * kw
     pointwise = _is_pointwise(kh, kw, stride, pads, upsample)
+    wino = _use_winograd(kh, kw, stride, band_rows, algo, n * -(-hout // 2) * -(-wout // 2))
     nw = kernel_workers() if workers is None else max(1, int(workers))
     if 2.0 * cout * k * n * hout * wout < PARALLEL_MIN_FLOPS:
         nw = 1  # conv2d runs small convolutions in the calling thread
     if pointwise:
         ci_chunk = max(cin, 1)
     else:
-        ci_chunk = max(1, _KC_TARGET // max(1, kh * kw))
+        ci_chunk = _WINO_CI if wino else max(1, _KC_TARGET // max(1, kh * kw))
         ci_chunk = -(-cin // -(-cin // ci_chunk)) if cin else 1  # balanced: 320 -> 3 x 107
     kc = ci_chunk * kh * kw
     per_row = max(1, n * wout)
-    if band_rows is None:
+    tile_cols = -(-wout // 2)
+    if wino:
+        # bands of whole 2x2 tile rows: ~_WINO_TILES tiles, V chunk and accumulator bounded
+        per_tile_row = max(1, n * tile_cols)
+        if band_rows is None:
+            tr = max(1, -(-_WINO_TILES // per_tile_row))
+            tr = min(tr, max(1, _COL_BUDGET // (64 * ci_chunk * per_tile_row)))
+        else:
+            tr = -(-int(band_rows) // 2)
+        br = 2 * max(1, min(tr, -(-max(hout, 1) // 2)))
+    elif band_rows is None:
         br = max(1, -(-_COL_TARGET_COLS // per_row))
         br = min(br, max(1, _COL_BUDGET // (4 * kc * per_row)))
         if not pointwise:
             br = min(br, max(1, _TILE_BUDGET // (4 * max(cout, 1) * per_row)))
     else:
         br = int(band_rows)
-    br = max(1, min(br, max(hout, 1)))
+    if not wino:
+        br = max(1, min(br, max(hout, 1)))
     n_bands = -(-hout // br) if hout > 0 else 0
     if panel_rows is None:
         pr = max(_MIN_PANEL, _PANEL_BUDGET // (4 * max(kc, 1)))
@@ -255,13 +283,17 @@ def conv2d_plan(
     # Channel groups only to keep every worker busy: the smallest split whose items fill the
     # workers' rounds to >= 90 % (each extra group repeats the band's im2col).
     groups = 1
-    if nw > 1 and n_bands > 0:
+    tiles = n * (br // 2) * tile_cols
+    if (nw > 1 and n_bands > 0) or wino:
         for g in range(1, n_panels + 1):
             items = n_bands * g
             groups = g
-            if items / (nw * -(-items // nw)) >= 0.9:
+            rows = -(-n_panels // g) * pr
+            if wino and 64 * rows * tiles > _WINO_ACC_BUDGET and g < n_panels:
+                continue  # Winograd: the [16, group rows, tiles] accumulator within its budget
+            if nw <= 1 or items / (nw * -(-items // nw)) >= 0.9:
                 break
-    if w_dtype == "F32":
+    if w_dtype == "F32" and not wino:
         # no decode: a "panel" is the whole group's rows, read in place
         group_rows = -(-cout // groups)
         pr = max(1, group_rows)
@@ -281,7 +313,26 @@ def conv2d_plan(
         "hout": hout,
         "wout": wout,
         "pointwise": int(pointwise),
+        "winograd": int(wino),
+        "tile_cols": tile_cols,
     }
+
+
+def _use_winograd(kh: int, kw: int, stride: int, band_rows: int | None, algo: str | None, tiles: int) -> bool:
+    """Winograd F(2x2, 3x3) for 3x3 stride-1 kernels, unless asked otherwise.
+
+    "auto" keeps the direct algorithm for maps of fewer than ``_WINO_MIN_TILES`` 2x2 tiles
+    (all images; SD's 8x8 maps at batch 2: its GEMMs are then too narrow, measured 0.97-1.04x
+    of direct against 0.58-0.68x from 16x16 up) and for an explicit ``band_rows=1`` (the
+    planner's smallest-footprint option: one-row bands have the smallest scratch of all)."""
+    algo = algo or DEFAULT_ALGO
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    if algo == "direct" or kh != 3 or kw != 3 or stride != 1:
+        return False
+    if algo == "winograd":
+        return True
+    return tiles >= _WINO_MIN_TILES and (band_rows is None or int(band_rows) > 1)
 
 
 def conv2d_scratch_bytes(
@@ -296,6 +347,7 @@ def conv2d_scratch_bytes(
     band_rows: int | None = None,
     panel_rows: int | None = None,
     workers: int | None = None,
+    algo: str | None = None,
 ) -> int:
     """Scratch bytes :func:`conv2d` allocates (all workers): im2col chunk, decoded panel and
     output tile each.
@@ -314,13 +366,21 @@ def conv2d_scratch_bytes(
         band_rows=band_rows,
         panel_rows=panel_rows,
         workers=workers,
+        algo=algo,
     )
     n = x_shape[0]
+    items = p["n_bands"] * p["groups"]
+    if p["winograd"]:
+        tiles = n * (p["band_rows"] // 2) * p["tile_cols"]
+        v = wino_buffer_bytes(p["ci_chunk"], tiles)
+        dec = 0 if w_dtype == "F32" else 4 * p["kc"] * p["panel_rows"]
+        u = wino_buffer_bytes(p["panel_rows"], p["ci_chunk"])
+        acc = wino_buffer_bytes(p["group_rows"], tiles)
+        return max(1, min(p["workers"], items)) * (v + dec + u + acc)
     cols = n * p["band_rows"] * p["wout"]
     col = 0 if p["pointwise"] else 4 * p["kc"] * cols
     panel = 0 if w_dtype == "F32" else 4 * p["kc"] * p["panel_rows"]
     tile = 0 if p["pointwise"] else 4 * p["group_rows"] * cols
-    items = p["n_bands"] * p["groups"]
     return max(1, min(p["workers"], items)) * (col + panel + tile)
 
 
@@ -343,6 +403,7 @@ def conv2d(
     band_rows: int | None = None,
     out: np.ndarray | None = None,
     panel_rows: int | None = None,
+    algo: str | None = None,
 ) -> np.ndarray:
     """2-D convolution (cross-correlation, like torch) computed in output row bands.
 
@@ -363,6 +424,8 @@ def conv2d(
         out: optional ``[N, Cout, Hout, Wout]`` float32 C-contiguous destination; may be a
             ``np.memmap`` (written band by band).
         panel_rows: output channels decoded per weight panel; default from :func:`conv2d_plan`.
+        algo: "auto" (default ``DEFAULT_ALGO``: Winograd F(2x2, 3x3) for 3x3 stride-1 kernels,
+            except with ``band_rows=1``), "direct" or "winograd".
 
     Returns:
         ``out`` (allocated if not given).
@@ -421,6 +484,7 @@ def conv2d(
         upsample=upsample,
         band_rows=band_rows,
         panel_rows=panel_rows,
+        algo=algo,
     )
     br, pr, n_bands, groups, workers = (
         p["band_rows"],
@@ -443,7 +507,18 @@ def conv2d(
     f32_weights = w_dtype == "F32"
     g_rows = p["group_rows"]
 
+    wino = bool(p["winograd"])
+    tc = p["tile_cols"]
+    t_max = n * (br // 2) * tc
+    out_np = np.asarray(out).reshape(n, cout, hout * wout)  # a memmap's ndarray view, for Numba
+    b_flat = b32.reshape(-1) if b32 is not None else np.empty(0, np.float32)
+
     def make_state(_w: int) -> tuple[np.ndarray | None, ...]:
+        if wino:
+            return (wino_buffer(ci_chunk, t_max),
+                    None if f32_weights else np.empty(pr * kc_max, np.float32),
+                    wino_buffer(pr, ci_chunk),
+                    wino_buffer(g_rows, t_max))
         if pointwise:
             return None, (None if f32_weights else np.empty((pr, k), np.float32)), None
         col = np.empty((kc_max, n * m_max), np.float32)
@@ -503,7 +578,34 @@ def conv2d(
             else:
                 np.copyto(dst, t)
 
-    fn = work_pointwise if pointwise else work
+    def work_winograd(state: tuple[np.ndarray | None, ...], item: int) -> None:
+        # one band x one channel group, as ``work`` but in the Winograd domain: per K chunk the
+        # input transform once, per weight panel its transform and 16 accumulating sgemms
+        # acc[xi, panel rows, tiles] += U[xi] @ V[xi]; finally the output transform + bias.
+        V, dec, U, acc = state
+        b, g = divmod(item, groups)
+        r0 = b * br
+        tr = -(-(min(hout, r0 + br) - r0) // 2)
+        t = n * tr * tc
+        g0, g1 = bounds[g], bounds[g + 1]
+        for ci0 in range(0, cin, ci_chunk):
+            ci1 = min(cin, ci0 + ci_chunk)
+            c = ci1 - ci0
+            wino_input(xa, r0, tr, pt, pl, upsample, tc, V, ci0, ci1)
+            for co0 in range(g0, g1, pr):
+                co1 = min(g1, co0 + pr)
+                rows = co1 - co0
+                if f32_weights:
+                    pw = w2[co0:co1, ci0 * 9 : ci1 * 9]
+                else:
+                    pw = decode_block_to_f32(w2[co0:co1], w_dtype, ci0 * 9, ci1 * 9,
+                                             dec[: rows * c * 9]).reshape(rows, c * 9)
+                wino_weight(pw, rows, c, U)
+                for xi in range(16):
+                    sgemm_into(U[xi, :rows, :c], V[xi, :c, :t], acc[xi, co0 - g0 : co1 - g0, :t], ci0 > 0)
+        wino_output(acc, g1 - g0, tr, tc, n, r0, hout, wout, out_np, g0, b_flat, b32 is not None)
+
+    fn = work_winograd if wino else work_pointwise if pointwise else work
     n_items = n_bands * groups
     if workers > 1 and n_items > 1:
         with blas_single_threaded():
