@@ -2,7 +2,9 @@
 
 Resolves where the model is and what the run settings are (command line > plan > the model's
 defaults), opens the text-to-image pipeline inside the memory budget, shows progress, writes the
-image atomically with its parameters, and keeps per-step latents checkpoints for ``--resume``.
+image atomically with its parameters, and keeps per-step latents checkpoints for ``--resume``
+(latents, sampler state and a .json with the step and both digests, written with SIGINT/SIGTERM
+held off; ``--resume`` checks the digests).
 Ctrl-C / SIGTERM leave no partial PNG and no scratch files.
 
 Every component runs under the budget guard (``runtime/guard.py``): if the process goes over the
@@ -14,11 +16,14 @@ after the pipeline (tokenizer, PNG encoding)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +100,60 @@ def _read_image(path: str, width: int | None, height: int | None) -> np.ndarray:
         raise StreamexecError(f"{path}: cannot read the init image ({e})") from None
 
 
+@contextmanager
+def signals_held():
+    """Hold SIGINT/SIGTERM off while a resume checkpoint's files are written: one that arrives
+    meanwhile is delivered right after (taking the usual Ctrl-C clean-up path), never between two
+    of the files. Deferred in Python's handlers, not with ``pthread_sigmask``: a mask covers only the
+    calling thread, and the kernel hands a process-wide signal to any thread (BLAS, prefetch) that
+    does not block it, which then runs the Python handler in the main thread all the same."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can set handlers (and it is the one that runs them)
+        return
+    pending: list[int] = []
+
+    def defer(signum, frame):
+        pending.append(signum)
+
+    old = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if pending:
+            s = pending[0]
+            handler = old[s]
+            if callable(handler):
+                handler(s, None)  # e.g. KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
+def array_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``arrays`` (not over the file format)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def write_checkpoint(path: str, step: int, latents: np.ndarray, state: dict, params: dict) -> None:
+    """The ``--latents-out`` checkpoint after denoiser call ``step``: the sampler state (if any), the
+    latents and a .json naming the step with the digests of both, written with signals held off."""
+    from .pipelines.png import save_npy, save_npz, save_text
+
+    meta = {"step": step, "parameters": params, "latents_sha256": array_digest({"latents": latents}),
+            "state_sha256": array_digest(state) if state else None}
+    with signals_held():
+        if state:
+            save_npz(path + ".state.npz", state)
+        save_npy(path, latents)
+        save_text(path + ".json", json.dumps(meta, default=str))
+
+
 def _resume_state(args: argparse.Namespace, params: dict) -> tuple[int, np.ndarray | None, dict | None]:
     if not args.resume:
         return 0, None, None
@@ -108,15 +167,32 @@ def _resume_state(args: argparse.Namespace, params: dict) -> tuple[int, np.ndarr
         return 0, None, None
     try:
         info = json.loads(meta.read_text())
+        if not isinstance(info, dict):
+            raise ValueError(f"{meta.name} is not a JSON object")
         latents = np.load(lat, allow_pickle=False)
-        state = dict(np.load(state_file, allow_pickle=False)) if state_file.is_file() else {}
-    except (OSError, ValueError) as e:
+        if not isinstance(latents, np.ndarray):
+            raise ValueError("not a single array")
+        want_state = info.get("state_sha256")
+        state = {}
+        if want_state and state_file.is_file():  # a state file the .json does not name is stale: unused
+            with np.load(state_file, allow_pickle=False) as z:
+                state = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
         raise StreamexecError(f"{lat}: cannot read the resume checkpoint ({e})") from None
     saved = json.loads(json.dumps(info.get("parameters") or {}))
     now = json.loads(json.dumps(params, default=str))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         raise StreamexecError(f"{lat} was written by a different run ({', '.join(diff)} differ); not resuming")
+    bad = []
+    if info.get("latents_sha256") != array_digest({"latents": latents}):
+        bad.append(lat.name)
+    if want_state and (not state or want_state != array_digest(state)):
+        bad.append(state_file.name)
+    if bad:
+        raise StreamexecError(f"{lat}: checkpoint files disagree ({' and '.join(bad)} "
+                              f"{'does' if len(bad) == 1 else 'do'} not match the digest in {meta.name}); "
+                              "not resuming")
     step = int(info.get("step", -1))
     _log(f"resuming after denoiser call {step + 1}")
     return step + 1, latents, state
@@ -164,7 +240,7 @@ def check_budget_first(pipe, params: dict, budget) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.generate import Pipeline, Request
-    from .pipelines.png import save_npy, save_npz, save_png, save_text
+    from .pipelines.png import save_npy, save_png, save_text
     from .pipelines.progress import Progress
 
     t0 = time.perf_counter()
@@ -208,11 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def on_step(i: int, latents: np.ndarray) -> None:
             if args.latents_out:  # a resumable checkpoint after every denoiser call
-                state = pipe.resume_state()
-                if state:
-                    save_npz(args.latents_out + ".state.npz", state)
-                save_npy(args.latents_out, latents)
-                save_text(args.latents_out + ".json", json.dumps({"step": i, "parameters": params_probe}, default=str))
+                write_checkpoint(args.latents_out, i, latents, pipe.resume_state(), params_probe)
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

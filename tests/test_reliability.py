@@ -125,3 +125,33 @@ def test_auto_budget_is_below_what_the_machine_has() -> None:
     assert 0 < auto_budget() < limit <= psutil.virtual_memory().total
     assert source
     assert isinstance(np.int64(auto_budget()), np.integer)
+
+
+def test_resume_checkpoint_is_written_whole_with_signals_held(tmp_path: Path, monkeypatch) -> None:
+    """A SIGINT arriving between the checkpoint's files (here: while the latents are written) is
+    delivered only after all three are written, so the .json never names older latents."""
+    import json
+
+    import streamexec.pipelines.png as png
+    from streamexec.run import array_digest, write_checkpoint
+
+    real = png.save_npy
+
+    def save_npy_then_sigint(path, array):
+        out = real(path, array)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # time enough for the handler to run
+        return out
+
+    monkeypatch.setattr(png, "save_npy", save_npy_then_sigint)
+    lat = tmp_path / "L.npy"
+    x = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2)
+    state = {"old": np.ones(3, np.float32)}
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(str(lat), 4, x, state, {"seed": 1})
+    meta = json.loads((tmp_path / "L.npy.json").read_text())
+    assert meta["step"] == 4
+    assert meta["latents_sha256"] == array_digest({"latents": np.load(lat)})
+    with np.load(tmp_path / "L.npy.state.npz") as z:
+        assert meta["state_sha256"] == array_digest({k: z[k] for k in z.files})
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the old handler is back

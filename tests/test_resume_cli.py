@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -126,3 +127,61 @@ def test_resume_from_another_runs_checkpoint_is_refused(model: Path, env: dict, 
                     "not resuming")
     assert "Traceback" not in res.stderr
     assert not out.exists() and lat.read_bytes() == before  # nothing written, the checkpoint kept
+
+
+@pytest.fixture(scope="module")
+def sd_checkpoint(env: dict, tmp_path_factory) -> tuple[list[str], Path, Path]:
+    """A completed 3-step dpmpp_2m run of the SD demo model at 128×128 with ``--latents-out`` (a
+    multistep sampler: the checkpoint has a .state.npz too): its command, PNG and checkpoint."""
+    d = tmp_path_factory.mktemp("sd")
+    out, lat = d / "a.png", d / "L.npy"
+    argv = [sys.executable, "-m", "streamexec", "run", "plans/demo.yaml", "--prompt", PROMPT, "--seed", "5",
+            "--steps", "3", "--height", "128", "--width", "128", "--sampler", "dpmpp_2m", "--latents-out", str(lat)]
+    res = run([*argv, "-o", str(out)], env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(str(lat) + ".state.npz").is_file()
+    return argv, out, lat
+
+
+def _copy_checkpoint(lat: Path, to: Path) -> Path:
+    for suffix in ("", ".json", ".state.npz"):
+        (to / (lat.name + suffix)).write_bytes(Path(str(lat) + suffix).read_bytes())
+    return to / lat.name
+
+
+def _tamper_latents(lat: Path) -> None:  # as if cut short: the next step's latents under this step's .json
+    np.save(lat, np.load(lat) * np.float32(0.5))
+
+
+def _tamper_state(lat: Path) -> None:
+    f = Path(str(lat) + ".state.npz")
+    with np.load(f) as z:
+        state = {k: z[k] for k in z.files}
+    k = sorted(state)[0]
+    state[k] = state[k] + 1
+    np.savez(f, **state)
+
+
+@pytest.mark.parametrize("tamper,names", [(_tamper_latents, "L.npy does"), (_tamper_state, "L.npy.state.npz does")],
+                         ids=["latents", "state"])
+def test_resume_refuses_checkpoint_files_that_disagree(env: dict, sd_checkpoint, tmp_path: Path, tamper,
+                                                       names: str) -> None:
+    argv, a_png, lat0 = sd_checkpoint
+    lat = _copy_checkpoint(lat0, tmp_path)
+    out = tmp_path / "b.png"
+    res = run([*[str(lat) if a == str(lat0) else a for a in argv], "-o", str(out), "--resume"], env)
+    assert res.returncode == 0, res.stderr[-2000:]  # the intact copy resumes (after the last step)
+    assert "resuming after denoiser call 3" in res.stderr
+    assert out.read_bytes() == a_png.read_bytes()
+    out.unlink()
+
+    tamper(lat)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    res = run([*[str(lat) if a == str(lat0) else a for a in argv], "-o", str(out), "--resume"], env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == (f"streamexec: error: {lat}: checkpoint files disagree ({names} not match the digest in "
+                    "L.npy.json); not resuming")
+    assert not out.exists()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing removed
