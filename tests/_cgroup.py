@@ -153,6 +153,21 @@ class MemoryCgroup:
             raise
         return group
 
+    def child(self, name: str = "child") -> MemoryCgroup:
+        """A group inside this one with no limit of its own: what runs in it is held to this group's
+        limit by the hierarchy (``limit`` is that effective limit). Remove it before this one."""
+        if self.version == 2:  # lets the child have memory.* files; the parent's limit holds without
+            try:
+                (self.path / "cgroup.subtree_control").write_text("+memory")
+            except OSError:
+                pass
+        path = self.path / name
+        try:
+            path.mkdir()
+        except OSError as e:
+            raise CgroupUnavailable(f"cannot create {path}: {e.strerror}") from None
+        return MemoryCgroup(path, self.version, self.limit)
+
     def wrap(self, argv: list[str]) -> list[str]:
         """``argv`` run by a shell that first moves itself into the group, then ``exec``s."""
         return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *argv]

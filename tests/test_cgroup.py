@@ -2,7 +2,8 @@
 memory cgroup limited to exactly ``--memory-budget`` completes with no OOM kill, page cache
 included — the weight files and the runtime's own libraries are evicted from the page cache first,
 so every page the run reads is charged to the group. And ``--memory-budget auto`` inside a group
-picks the group's limit.
+picks the group's limit, also from inside a child group with no limit of its own (the smallest
+limit on the hierarchy).
 
 Needs root and a cgroup memory controller (v2 ``memory.max`` where the unified hierarchy has one,
 else v1 ``memory.limit_in_bytes``); skipped with the reason otherwise. Only the files this run uses
@@ -135,3 +136,39 @@ def test_auto_budget_inside_a_cgroup_is_the_limit_minus_the_margin(env: dict, tm
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stderr.splitlines()[0].endswith(f"budget {expected / MIB:.2f} MiB")  # 448.00 MiB
     assert out.is_file() and stats.oom_kill == 0
+
+
+@pytest.mark.slow
+def test_auto_budget_inside_a_child_group_sees_the_parents_limit(env: dict) -> None:
+    """A parent group with a limit, a child without one: a process in the child is held to the
+    parent's limit, and ``auto`` plans for it (v1 ``hierarchical_memory_limit``, v2 the parent's
+    ``memory.max``)."""
+    limit = 384 * MIB
+    parent = cgroup(limit)
+    child = None
+    try:
+        try:
+            child = parent.child()
+        except CgroupUnavailable as e:
+            pytest.skip(f"no child memory cgroup here: {e}")
+        probe = child.run([sys.executable, "-c", "from streamexec.runtime.process import auto_budget, cgroup_limits, "
+                           "memory_limit; print(*memory_limit(), auto_budget(), sep='|'); print(cgroup_limits())"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        own = (child.path / ("memory.max" if child.version == 2 else "memory.limit_in_bytes")).read_text().strip()
+    finally:
+        if child is not None:
+            child.remove()
+        parent.remove()
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert own == "max" or int(own) > limit  # the child has no limit of its own
+    first, limits = probe.stdout.strip().splitlines()
+    seen, source, auto = first.split("|")
+    assert int(seen) == limit, limits
+    assert source.startswith("cgroup limit") and parent.path.name in source
+    if child.version == 1:
+        assert source.endswith("memory.stat: hierarchical_memory_limit)")
+    else:
+        assert source == f"cgroup limit ({parent.path / 'memory.max'})"
+    assert int(auto) == limit - max(64 * MIB, limit // 10)
+    print(f"cgroup v{child.version}: child of a {limit // MIB} MiB group sees {source}; "
+          f"auto = {int(auto) / MIB:.0f} MiB")
