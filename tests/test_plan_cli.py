@@ -91,6 +91,51 @@ def test_saved_plan_runs_and_matches_diffusers(unet, tmp_path: Path) -> None:
     assert rel_err(y, ref) <= 1e-4
 
 
+def test_planned_run_is_guarded_with_the_plans_budget(unet, tmp_path: Path) -> None:
+    """PlannedRun runs under the budget guard like ``streamexec run`` and ``load()``: with the plan's
+    byte budget, ``strict`` stopping at the op that overshoots, else cutting the run finer."""
+    import warnings
+
+    from streamexec.runtime.guard import BudgetExceeded
+
+    path, _ = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out, "--memory-budget", "2G") == 0
+    budget = yaml.safe_load(out.read_text())["memory"]["budget_bytes"]
+    g = torch.Generator().manual_seed(2)
+    feeds = dict(sample=torch.randn(2, 4, 16, 16, generator=g).numpy(), timestep=np.array([999.0, 17.0], np.float32),
+                 encoder_hidden_states=torch.randn(2, 77, 24, generator=g).numpy())
+    run = PlannedRun(out, strict=True)
+    try:
+        comp = run.components["unet"]
+        assert comp.budget == budget == 2 << 30 and comp.strict
+        comp.guard = False
+        (ref,) = comp.run(**feeds)
+        assert comp.last_executor.budget is None  # guard off: exactly the plan, unchecked
+        comp.guard = True
+        comp.budget = 1 << 20  # a budget this process is over at once (as if the planner were wrong)
+        with pytest.raises(BudgetExceeded, match=r"^strict memory budget: peak RSS .* during op "):
+            comp.run(**feeds)
+        assert comp.last_executor.budget == 1 << 20 and comp.last_executor.strict
+    finally:
+        run.close()
+
+    run = PlannedRun(out)  # not strict: the guard adapts, warns, and the result is the same
+    try:
+        comp = run.components["unet"]
+        units = len(comp.schedule.units)
+        comp.budget = 1 << 20
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (y,) = comp.run(**feeds)
+        assert any(str(w.message).startswith("budget guard:") for w in caught)
+        assert comp.last_executor.guard_events
+        assert len(comp.schedule.units) > units  # the adapted schedule is kept for the next call
+    finally:
+        run.close()
+    assert rel_err(y, torch.from_numpy(ref)) <= 1e-5
+
+
 def test_plan_for_a_changed_checkpoint_is_refused(unet, tmp_path: Path) -> None:
     from safetensors.numpy import load_file, save_file
 
