@@ -9,18 +9,20 @@ copies).  Bias, activation and residual/gate are applied to each output tile rig
 GEMM by a serial Numba epilogue.
 
 How the work is spread over cores (all numbers: 2-core EPYC, bf16 weights, ratio of wall time to
-numpy sgemm on a pre-decoded f32 W; ``tools/bench_kernels.py`` and the comments below):
-the output is split into one rectangle per *worker* (the calling thread plus
-``linear_workers() - 1`` pool threads); each worker decodes its own panels into its own scratch
-and runs **single-threaded** sgemm on them, while OpenBLAS is switched to one thread for the
-duration of the call (and its idle worker threads, which otherwise spin for tens of ms after a
-multi-threaded call, are shut down first).  Rows are split for tall x (SD: M=8192, N=320),
-columns otherwise (T5, FLUX MLP-up) — see ``_split``.  Compared with "decode a panel, then one
-multi-threaded sgemm" (0.70-0.79 on T5/FLUX shapes: OpenBLAS's spinning worker lands on the core
-that decodes, and each freshly decoded panel must migrate to the other core), this reaches
-0.93-1.0 on every SD/FLUX/T5 shape.  Small products (< ``_PARALLEL_MIN_FLOP`` with less than
-``_PARALLEL_MIN_DECODE`` weights) and numpy builds whose BLAS threads we cannot control run in the
-calling thread with BLAS's own threading instead.
+numpy sgemm on a pre-decoded f32 W; ``tools/bench_kernels.py`` and the comments below): the
+output is cut into about two blocks per *worker* (the calling thread plus ``linear_workers() - 1``
+pool threads), handed out dynamically (``attention.parallel_items``), each worker running
+**single-threaded** sgemm on its own decoded panels while OpenBLAS is switched to one thread for
+the call.  Columns are cut for wide W (T5, FLUX: each panel decoded once); rows for tall x (SD:
+M=8192, N=320), after W is decoded once into the workers' scratch when it fits there (every
+worker decoding all of W for its rows cost 25 % at 8192x320x320).  Compared with "decode a
+panel, then one multi-threaded sgemm" (0.70-0.79 on T5/FLUX shapes: OpenBLAS's spinning worker
+lands on the core that decodes, and each freshly decoded panel must migrate to the other core),
+this reaches 0.93-1.0 on every SD/FLUX/T5 shape; compared with one static block per worker it is
+0.75-1.0x the time alone, and in the model it stops the prefetch thread (mapping the next unit's
+weights) from stalling the other worker at every unit's first op.  Small products
+(< ``_PARALLEL_MIN_FLOP`` with less than ``_PARALLEL_MIN_DECODE`` weights) and numpy builds whose
+BLAS threads we cannot control run in the calling thread with BLAS's own threading instead.
 
 Panel layout: the panel is decoded as [P, K] and handed to sgemm transposed.  Decoding it as
 [K, P] ("NN" sgemm) measured 0-4% faster sgemm on big shapes (10% at M=128), less than the extra
@@ -35,13 +37,12 @@ read-only mmapped view.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
 
 from streamexec.kernels.activations import _act_slice, activation_code
-from streamexec.kernels.attention import blas_pinned, blas_single_threaded, kernel_workers
+from streamexec.kernels.attention import blas_pinned, blas_single_threaded, kernel_workers, parallel_items
 from streamexec.kernels.decode import DECODE_TAGS, as_f32, decode_to_f32, readonly_flat
 
 __all__ = [
@@ -77,8 +78,15 @@ _PARALLEL_MIN_DECODE = 1 << 20
 # to_k 154x768x320 took 20.7 ms per call unpinned (the BLAS pool re-created after the previous
 # big linear had parked it), 0.99 ms pinned in one thread.
 _PARALLEL_MIN_FLOP_PINNED = 4e6
-# Columns per worker are multiples of this (keeps sgemm tiles whole).
+# Columns per block are multiples of this (keeps sgemm tiles whole).
 _COL_ALIGN = 16
+# Work is handed out dynamically in about this many blocks per worker (a worker that loses its
+# core for a while — the prefetch thread mapping the next unit's weights, another process —
+# no longer holds the other back: with one static half each, the first op of every FLUX unit
+# ran 1.4-2x slower in the model than alone), blocks no smaller than these.
+_ITEMS_PER_WORKER = 2
+_MIN_ROW_BLOCK = 256
+_MIN_COL_BLOCK = 128
 # Tiles needed only when the residual/gate aliases out: bound them to this many bytes.
 _TILE_TARGET_BYTES = 1 << 20
 # Default bound of the GEGLU / gated-GELU intermediate ([row_chunk, inner] f32).
@@ -92,8 +100,6 @@ _COMBINE = {"add": 1, "mul": 2}
 
 # --- threads --------------------------------------------------------------------------------------
 
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 _lock = threading.Lock()
 
 
@@ -106,16 +112,6 @@ def linear_workers() -> int:
     pinned to one thread for a whole run, so the worker count no longer follows it.
     """
     return kernel_workers()
-
-
-def _get_pool(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    if _pool is None or _pool_size < n:
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="streamexec-linear")
-        _pool_size = n
-    return _pool
 
 
 # --- sizes ----------------------------------------------------------------------------------------
@@ -366,35 +362,71 @@ def linear(
             raise ValueError(f"scratch must be float32 with >= {panel_rows * k} elements")
         scratch = scratch.reshape(-1)
         nw = min(nw, scratch.size // (panel_rows * k))
-    rects = _split(m, n, nw)
-    nw = len(rects)
-    if is_f32:
-        # nothing to decode: one "panel" per worker = its whole column range
-        panel_rows = max(c1 - c0 for _, _, c0, c1 in rects)
-
     in_place = residual is not None and np.shares_memory(out, residual)
+    if nw == 1:
+        if is_f32:
+            panel_rows = n
+        job = _Job(x, w, w_dtype, out, bias_f, residual, code, mode, panel_rows,
+                   _row_chunk(row_chunk, m, panel_rows, in_place), in_place)
+        job.run(0, m, 0, n, None if is_f32 else scratch[: panel_rows * k])
+        return out
+
+    with _lock, blas_single_threaded():
+        if _ITEMS_PER_WORKER <= 0:  # static: one block per worker (for comparisons)
+            w_use, dtype_use = w, w_dtype
+            rects = _split(m, n, nw)
+            if is_f32:
+                panel_rows = max(c1 - c0 for _, _, c0, c1 in rects)
+        elif _rows_split(m, n, nw):
+            if not is_f32 and n * k <= scratch.size:
+                # W fits in the workers' scratch together: decode it once (panels in parallel),
+                # then hand out row blocks as an f32 product
+                wf = scratch[: n * k].reshape(n, k)
+                blocks = [(c0, min(n, c0 + panel_rows)) for c0 in range(0, n, panel_rows)]
+                parallel_items(len(blocks), nw, lambda _w: None,
+                               lambda _st, i: decode_to_f32(w[blocks[i][0] : blocks[i][1]], w_dtype,
+                                                            wf[blocks[i][0] : blocks[i][1]], parallel=False))
+                w_use, dtype_use, is_f32 = wf, "F32", True
+            else:
+                w_use, dtype_use = w, w_dtype
+            if is_f32:
+                rb = max(_MIN_ROW_BLOCK, -(-m // (_ITEMS_PER_WORKER * nw)))
+                rects = [(r0, min(m, r0 + rb), 0, n) for r0 in range(0, m, rb)]
+                panel_rows = n
+            else:  # every worker decodes all of W for its rows: one block each
+                rects = _split(m, n, nw)
+        else:
+            w_use, dtype_use = w, w_dtype
+            cw = panel_rows if not is_f32 else -(-n // nw)
+            if -(-n // cw) < _ITEMS_PER_WORKER * nw:
+                cw = max(_MIN_COL_BLOCK, -(-n // (_ITEMS_PER_WORKER * nw)))
+                cw = min(n, -(-cw // _COL_ALIGN) * _COL_ALIGN)
+            rects = [(0, m, c0, min(n, c0 + cw)) for c0 in range(0, n, cw)]
+            panel_rows = min(panel_rows, cw) if not is_f32 else cw
+        job = _Job(x, w_use, dtype_use, out, bias_f, residual, code, mode, panel_rows,
+                   _row_chunk(row_chunk, m, panel_rows, in_place), in_place)
+        per = panel_rows * k
+
+        def state(i: int) -> np.ndarray | None:
+            return None if is_f32 else scratch[i * per : (i + 1) * per]
+
+        parallel_items(len(rects), nw, state, lambda st, i: job.run(*rects[i], st))
+    return out
+
+
+def _rows_split(m: int, n: int, nw: int) -> bool:
+    """Split the output by rows when x is at least as tall as W is wide and every worker still
+    gets >= 512 rows (SD's 8192x320 products: 0.99 of sgemm split by rows, 0.8 by columns,
+    whose sgemm calls are then too narrow); columns otherwise (T5, FLUX)."""
+    return m >= n and m // nw >= 512
+
+
+def _row_chunk(row_chunk: int | None, m: int, panel_rows: int, in_place: bool) -> int:
     if row_chunk is None:
         row_chunk = m
         if in_place:
             row_chunk = max(1, _TILE_TARGET_BYTES // (4 * panel_rows))
-    row_chunk = max(1, min(int(row_chunk), m))
-    job = _Job(x, w, w_dtype, out, bias_f, residual, code, mode, panel_rows, row_chunk, in_place)
-
-    def sl(i: int) -> np.ndarray | None:
-        return None if is_f32 else scratch[i * panel_rows * k : (i + 1) * panel_rows * k]
-
-    if nw == 1:
-        job.run(0, m, 0, n, sl(0))
-        return out
-    with _lock, blas_single_threaded():
-        pool = _get_pool(nw - 1)
-        futs = [pool.submit(job.run, *rc, sl(i + 1)) for i, rc in enumerate(rects[1:])]
-        try:
-            job.run(*rects[0], sl(0))
-        finally:
-            for f in futs:
-                f.result()
-    return out
+    return max(1, min(int(row_chunk), m))
 
 
 # --- gated feed-forward inputs --------------------------------------------------------------------

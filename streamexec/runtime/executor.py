@@ -5,6 +5,7 @@ time, bytes and memory. It never knows which architecture it runs."""
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Mapping
@@ -143,9 +144,20 @@ class Executor:
         OpenBLAS stays on one thread for the whole run (its pool parked once): every kernel
         parallelises on its own workers anyway, and letting small ops use BLAS' threads made
         the next big op park the pool and the next small op re-create it, 3-25 ms each time
-        (a 20 ms floor under every small linear of a UNet; issue #7)."""
-        with blas_single_threaded():
-            return self._run(feeds)
+        (a 20 ms floor under every small linear of a UNet; issue #7).
+
+        Python's cyclic garbage collector is paused meanwhile: the run makes no reference
+        cycles worth collecting (arrays are freed by reference counting at their last use),
+        and its generation scans, triggered by the many short-lived views and futures, were
+        ~3 % of attention's time in a profile."""
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with blas_single_threaded():
+                return self._run(feeds)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         tune_malloc()
