@@ -722,3 +722,23 @@ def test_sgemm_into_accumulates_on_strided_views():
     ref = a.astype(np.float64) @ b[:, 3:63].astype(np.float64)
     assert _rel_err(c[:, 20:80], ref) < 1e-5
     assert (c[:, :20] == 7.0).all() and (c[:, 80:] == 7.0).all()
+
+
+def test_huge_page_buffers_are_plain_writable_arrays_and_free_their_memory():
+    """kernels.buffers.empty: the shape/dtype asked for, writable, C-contiguous; big ones are
+    their own maps whose pages leave RSS when the last view goes."""
+    from streamexec.kernels import buffers
+    from streamexec.runtime.process import current_rss
+
+    small = buffers.empty((3, 5))
+    assert small.shape == (3, 5) and small.dtype == np.float32 and small.flags.writeable
+    big = buffers.empty((3, 1 << 20), np.float32)  # 12 MiB
+    assert big.shape == (3, 1 << 20) and big.flags.c_contiguous and big.flags.writeable
+    before = current_rss()
+    big.fill(1.0)
+    view = big[1]
+    assert current_rss() - before > 10 << 20
+    del big
+    assert float(view.sum()) == float(1 << 20)  # a view keeps the map alive
+    del view
+    assert current_rss() - before < 2 << 20

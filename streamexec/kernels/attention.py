@@ -47,6 +47,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from streamexec.kernels import buffers
+
 __all__ = [
     "attention",
     "attention_scratch_bytes",
@@ -578,7 +580,7 @@ def attention(
 
     def make_state(_w: int) -> tuple[np.ndarray, ...]:
         return (
-            np.empty((tq, tk_pad), np.float32),  # S / P block, row stride padded to 16
+            buffers.empty((tq, tk_pad)),  # S / P block, row stride padded to 16
             np.empty((tq, d), np.float32),  # acc
             np.empty((tq, d), np.float32),  # P @ v of the current block
             np.empty(tq, np.float32),  # running max

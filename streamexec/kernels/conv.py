@@ -49,6 +49,7 @@ import os
 import numpy as np
 from numba import njit
 
+from streamexec.kernels import buffers
 from streamexec.kernels.attention import (
     PARALLEL_MIN_FLOPS,
     blas_single_threaded,
@@ -449,7 +450,7 @@ def conv2d(
     pt, _pb, pl, _pr = pads
     _, _, hout, wout = conv2d_out_shape(x.shape, w.shape, stride=stride, padding=padding, pad=pad, upsample=upsample)
     if out is None:
-        out = np.empty((n, cout, hout, wout), np.float32)
+        out = buffers.empty((n, cout, hout, wout))
     elif out.shape != (n, cout, hout, wout) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 {(n, cout, hout, wout)} array")
     if n == 0 or cout == 0 or hout == 0 or wout == 0:
@@ -516,14 +517,14 @@ def conv2d(
     def make_state(_w: int) -> tuple[np.ndarray | None, ...]:
         if wino:
             return (wino_buffer(ci_chunk, t_max),
-                    None if f32_weights else np.empty(pr * kc_max, np.float32),
+                    None if f32_weights else buffers.empty(pr * kc_max),
                     wino_buffer(pr, ci_chunk),
                     wino_buffer(g_rows, t_max))
         if pointwise:
             return None, (None if f32_weights else np.empty((pr, k), np.float32)), None
-        col = np.empty((kc_max, n * m_max), np.float32)
-        panel = None if f32_weights else np.empty(pr * kc_max, np.float32)
-        tile = np.empty((g_rows, n * m_max), np.float32)
+        col = buffers.empty((kc_max, n * m_max))
+        panel = None if f32_weights else buffers.empty(pr * kc_max)
+        tile = buffers.empty((g_rows, n * m_max))
         return col, panel, tile
 
     def work_pointwise(state: tuple[np.ndarray | None, ...], item: int) -> None:

@@ -41,6 +41,7 @@ import threading
 import numpy as np
 from numba import njit
 
+from streamexec.kernels import buffers
 from streamexec.kernels.activations import _act_slice, activation_code
 from streamexec.kernels.attention import blas_pinned, blas_single_threaded, kernel_workers, parallel_items
 from streamexec.kernels.decode import DECODE_TAGS, as_f32, decode_to_f32, readonly_flat
@@ -203,7 +204,7 @@ def _check_w(w: np.ndarray, w_dtype: str) -> None:
 
 def _f32_2d(a: np.ndarray | None, shape: tuple[int, int], what: str) -> np.ndarray:
     if a is None:
-        return np.empty(shape, dtype=np.float32)
+        return buffers.empty(shape)
     if a.dtype != np.float32 or not a.flags.c_contiguous or a.shape != shape:
         raise ValueError(f"{what} must be a C-contiguous float32 {shape} array")
     return a
@@ -357,7 +358,7 @@ def linear(
     panel_rows = max(1, min(int(panel_rows), n))
     if not is_f32:
         if scratch is None:
-            scratch = np.empty(nw * panel_rows * k, dtype=np.float32)
+            scratch = buffers.empty(nw * panel_rows * k)
         elif scratch.dtype != np.float32 or scratch.size < panel_rows * k:
             raise ValueError(f"scratch must be float32 with >= {panel_rows * k} elements")
         scratch = scratch.reshape(-1)
@@ -434,7 +435,7 @@ def _row_chunk(row_chunk: int | None, m: int, panel_rows: int, in_place: bool) -
 
 def _hidden(hidden: np.ndarray | None, rows: int, inner: int) -> np.ndarray:
     if hidden is None:
-        return np.empty(rows * inner, dtype=np.float32)
+        return buffers.empty(rows * inner)
     if hidden.dtype != np.float32 or hidden.size < rows * inner:
         raise ValueError(f"hidden must be float32 with >= {rows * inner} elements")
     return hidden.reshape(-1)
@@ -447,7 +448,7 @@ def _shared_scratch(scratch: np.ndarray | None, w_dtype: str, k: int, n: int, pa
     if scratch is not None or w_dtype == "F32":
         return scratch
     panel = max(1, min(int(panel_rows or default_panel_rows(k, n)), n))
-    return np.empty(linear_workers() * panel * k, dtype=np.float32)
+    return buffers.empty(linear_workers() * panel * k)
 
 
 def _default_rows(m: int, inner: int, row_chunk: int | None) -> int:

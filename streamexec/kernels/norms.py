@@ -21,6 +21,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from streamexec.kernels import buffers
 from streamexec.kernels._serial import run as _run
 from streamexec.kernels.activations import silu_f32
 from streamexec.kernels.decode import readonly_flat
@@ -232,7 +233,7 @@ def group_norm_apply(x_band: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
     if c % groups:
         raise ValueError(f"C={c} not divisible by G={groups}")
     if out is None:
-        out = np.empty(x_band.shape, dtype=np.float32)
+        out = buffers.empty(x_band.shape)
     elif out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != x_band.shape:
         raise ValueError("out must be a C-contiguous float32 array shaped like x_band")
     if x4.size:
@@ -312,7 +313,7 @@ def _rows(x: np.ndarray) -> tuple[int, int]:
 
 def _out_like(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     if out is None:
-        return np.empty(x.shape, dtype=np.float32)
+        return buffers.empty(x.shape)
     if out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != x.shape:
         raise ValueError("out must be a C-contiguous float32 array shaped like x")
     return out

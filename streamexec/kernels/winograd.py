@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from streamexec.kernels import buffers
+
 __all__ = ["wino_buffer", "wino_buffer_bytes", "wino_input", "wino_weight", "wino_output"]
 
 #: Extra elements between the 16 [rows, cols] slabs of a transform buffer. Each tile or kernel
@@ -42,7 +44,7 @@ def wino_buffer(rows: int, cols: int) -> np.ndarray:
     """A float32 [16, rows, cols] array whose slabs are ``rows * cols + 16`` elements apart
     (rows stay contiguous, so every ``buf[xi, :r, :c]`` is a valid sgemm operand)."""
     stride = rows * cols + _SLAB_SKEW
-    flat = np.empty(16 * stride, np.float32)
+    flat = buffers.empty(16 * stride)
     return np.lib.stride_tricks.as_strided(flat, (16, rows, cols), (4 * stride, 4 * cols, 4))
 
 

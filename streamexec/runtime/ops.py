@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels import activations as act
+from ..kernels import buffers
 from ..kernels.attention import attention
 from ..kernels.conv import conv2d
 from ..kernels.decode import decode_to_f32
@@ -78,7 +79,7 @@ def op_linear(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, 
     residual = _rows(args[1]) if len(args) > 1 and not isinstance(args[1], Spilled) else None
     out = None
     if len(args) > 1 and isinstance(args[1], Spilled):  # residual read from disk into the output,
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)  # then accumulated in place
+        out = buffers.empty((x.shape[0], w.shape[0]))  # then accumulated in place
         args[1].read_into(out)
         residual = out
     row_chunk = ctx.params.get("row_chunk")
@@ -123,7 +124,7 @@ def _conv2d_banded(ctx: OpContext, op: Op, args: list, shape: tuple[int, ...]):
         raise ValueError(f"{op.name}: banded conv2d needs stride 1")
     h_eff = x.shape[2] * up
     ho = shape[2]
-    out = ctx.out if ctx.out is not None else np.empty(shape, np.float32)
+    out = ctx.out if ctx.out is not None else buffers.empty(shape)
     rows = ooc_rows(shape, ctx.params, tuple(x.shape))
     for o0 in range(0, ho, rows):
         o1 = min(ho, o0 + rows)
@@ -180,7 +181,7 @@ def _group_norm_banded(ctx: OpContext, op: Op, x, shape: tuple[int, ...]):
     mean, rstd = group_norm_finalize(acc, (c // groups) * h * w, eps)
     mean, rstd = mean.reshape(n, groups), rstd.reshape(n, groups)
     gamma, beta = ctx.vector(op, "weight"), ctx.vector(op, "bias")
-    out = ctx.out if ctx.out is not None else np.empty(shape, np.float32)
+    out = ctx.out if ctx.out is not None else buffers.empty(shape)
     for r0 in range(0, h, rows):
         band = rows_of(x, r0, min(h, r0 + rows))
         put_rows(out, r0, group_norm_apply(band, mean, rstd, gamma, beta, silu=op.attrs.get("silu", False), out=band))
@@ -208,7 +209,7 @@ def op_attention(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[in
     b, nq, width = q.shape
     nk = k.shape[1]
     d = width // heads
-    out = np.empty(shape, np.float32)
+    out = buffers.empty(shape)
     rel_bias = args[3] if op.attrs.get("rel_bias") else None
     for i in range(b):
         attention(
@@ -237,7 +238,7 @@ def op_add(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...
     if isinstance(a, Spilled) or isinstance(b, Spilled):  # no broadcasting here (planner's rule)
         if isinstance(a, Spilled):
             a, b = b, a
-        out = np.empty(shape, np.float32)
+        out = buffers.empty(shape)
         if isinstance(a, Spilled):  # both on disk
             a.read_into(out)
         else:
@@ -255,7 +256,7 @@ def op_concat(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, 
     if not any(isinstance(a, Spilled) for a in args):
         return np.concatenate(args, axis=op.attrs["axis"])
     axis = op.attrs["axis"] % len(shape)
-    out = np.empty(shape, np.float32)
+    out = buffers.empty(shape)
     outer = int(np.prod(shape[:axis]))
     o2 = out.reshape(outer, -1)
     off = 0
