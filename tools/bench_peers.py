@@ -33,6 +33,7 @@ streamexec is faster or smaller.
     python tools/bench_peers.py --json                # machine-readable
     python tools/bench_peers.py --no-avx              # NUMBA_CPU_NAME=generic OPENBLAS_CORETYPE=Nehalem
                                                       #   vs torch with ATEN_CPU_CAPABILITY=default
+    python tools/bench_peers.py --no-avx --no-avx-libs  # ... and torch's MKL/oneDNN capped to SSE4 too
 
 Checkpoints live in ``--ckpt-dir`` (default /tmp/streamexec-bench; the SD 1.5 UNet in
 /tmp/streamexec-bench-sd15-unet-fp16, as ``bench_unet_budget.py`` makes it); missing ones are
@@ -85,6 +86,9 @@ CASES = {
 
 NO_AVX_OURS = {"NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": "", "OPENBLAS_CORETYPE": "Nehalem"}
 NO_AVX_TORCH = {"ATEN_CPU_CAPABILITY": "default"}
+#: ATEN_CPU_CAPABILITY only limits ATen's own vector kernels: torch's GEMMs (MKL) and convolutions
+#: (oneDNN) still pick AVX-512 from CPUID. These cap them too, for a torch that really runs on SSE.
+NO_AVX_TORCH_LIBS = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"}
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -325,6 +329,9 @@ def main() -> None:
     ap.add_argument("--no-avx", action="store_true",
                     help="streamexec with NUMBA_CPU_NAME=generic OPENBLAS_CORETYPE=Nehalem, torch with "
                          "ATEN_CPU_CAPABILITY=default")
+    ap.add_argument("--no-avx-libs", action="store_true",
+                    help="with --no-avx, also cap torch's MKL and oneDNN to SSE4 (MKL_ENABLE_INSTRUCTIONS=SSE4_2, "
+                         "ONEDNN_MAX_CPU_ISA=SSE41): ATEN_CPU_CAPABILITY alone leaves them on AVX-512")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                     help="before each child wait up to this long for other jobs to leave the CPU idle")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
@@ -343,7 +350,7 @@ def main() -> None:
     env_ours, env_torch = dict(common), dict(common)
     if args.no_avx:
         env_ours |= NO_AVX_OURS | {"NUMBA_CACHE_DIR": str(TMP / "streamexec-numba-cache-noavx")}
-        env_torch |= NO_AVX_TORCH
+        env_torch |= NO_AVX_TORCH | (NO_AVX_TORCH_LIBS if args.no_avx_libs else {})
     tmp = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     rows = []

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Where one call's time goes (issue #7): runs a component once to plan and warm up, then once
+with the executor's trace, and prints time, FLOPs and GFLOP/s per op kind, the slowest ops, and
+the time outside ops (Python between ops, waiting for weights).
+
+    python tools/profile_ops.py                                       # SD 1.5 UNet, 512², batch 2
+    python tools/profile_ops.py --component transformer --ckpt /tmp/streamexec-bench/flux-slice-1d1s --size 1024
+    python tools/profile_ops.py --component text_encoder_2 --ckpt /tmp/streamexec-bench/t5-slice-2l --size 512
+
+Inputs are the ones ``tools/bench_peers.py`` uses (seeded random). FLOPs come from the planner's
+cost model (``planner/costs.py``; a Winograd conv is credited with the direct algorithm's FLOPs,
+so its GFLOP/s is "effective").
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+UNET = Path("/tmp/streamexec-bench-sd15-unet-fp16")
+
+
+def _inputs(component: str, size: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    if component == "unet":
+        lat = size // 8
+        return dict(sample=rng.standard_normal((2, 4, lat, lat), dtype=np.float32), timestep=500.0,
+                    encoder_hidden_states=rng.standard_normal((2, 77, 768), dtype=np.float32))
+    if component == "transformer":
+        h2 = size // 16
+        ids = np.zeros((h2, h2, 3), np.float32)
+        ids[..., 1] = np.arange(h2)[:, None]
+        ids[..., 2] = np.arange(h2)[None, :]
+        return dict(hidden_states=rng.standard_normal((1, h2 * h2, 64), dtype=np.float32),
+                    encoder_hidden_states=rng.standard_normal((1, 256, 4096), dtype=np.float32),
+                    pooled_projections=rng.standard_normal((1, 768), dtype=np.float32),
+                    timestep=np.array([1.0], np.float32), img_ids=ids.reshape(-1, 3),
+                    txt_ids=np.zeros((256, 3), np.float32))
+    if component == "text_encoder_2":
+        return dict(input_ids=rng.integers(0, 32128, (1, size), dtype=np.int64))
+    raise SystemExit(f"no inputs for component {component!r} (unet, transformer, text_encoder_2)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", type=Path, default=UNET)
+    ap.add_argument("--component", default="unet")
+    ap.add_argument("--size", type=int, default=512, help="image side (unet, transformer) or tokens (T5)")
+    ap.add_argument("--budget", default="2G")
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args()
+    if args.ckpt == UNET:
+        from _bench_common import ensure_checkpoint
+
+        ensure_checkpoint(UNET, "unet", "--preset", "sd15", "--dtype", "fp16", marker="config.json")
+    import streamexec
+    from streamexec.planner.costs import op_cost
+
+    m = streamexec.load(args.ckpt, component=args.component, memory_budget=args.budget)
+    feeds = _inputs(args.component, args.size)
+    m(**feeds)
+    t0 = time.perf_counter()
+    m(**feeds)
+    plain = time.perf_counter() - t0
+    m.trace = True
+    t0 = time.perf_counter()
+    m(**feeds)
+    wall = time.perf_counter() - t0
+    ex = m.last_executor
+    g = ex.graph
+    nbytes = {k: m.store.nbytes(k) for k in m.store.tensors}
+    shapes = {k: tuple(v.shape) for k, v in m.store.tensors.items()}
+    agg: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    cost = {}
+    for r in ex.records:
+        c = op_cost(g, g.ops[r.index], nbytes, shapes)
+        cost[r.index] = c
+        a = agg[r.kind]
+        a[0] += 1
+        a[1] += r.seconds
+        a[2] += c.flops / 1e9
+    ops_s = sum(a[1] for a in agg.values())
+    print(f"python tools/profile_ops.py {' '.join(sys.argv[1:])}")
+    print(f"call {plain:.2f} s untraced, {wall:.2f} s traced: ops {ops_s:.2f} s, waiting for weights "
+          f"{ex.wait_seconds:.3f} s, outside ops {wall - ops_s - ex.wait_seconds:.2f} s; {len(ex.records)} ops")
+    print(f"{'kind':20s} {'ops':>4s} {'seconds':>8s} {'share':>6s} {'GFLOP':>8s} {'GFLOP/s':>8s}")
+    for kind, (n, s, gf) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+        print(f"{kind:20s} {n:4d} {s:8.3f} {100 * s / ops_s:5.1f}% {gf:8.1f} {gf / s if s else 0:8.1f}")
+    print("slowest ops:")
+    for r in sorted(ex.records, key=lambda r: -r.seconds)[: args.top]:
+        c = cost[r.index]
+        gemm = " ".join(f"{mm}x{nn}x{kk}" + (f"*{cnt}" if cnt > 1 else "") for mm, nn, kk, cnt in c.gemms[:2])
+        print(f"  {r.name[-52:]:52s} {r.kind:12s} {r.seconds:7.3f} s {c.flops / 1e9 / r.seconds:7.1f} GFLOP/s  {gemm}")
+
+
+if __name__ == "__main__":
+    main()
