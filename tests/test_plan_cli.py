@@ -165,6 +165,49 @@ def test_hand_edited_plan_with_unknown_tensor_is_refused(unet, tmp_path: Path) -
         PlannedRun(out)
 
 
+def test_hand_edited_plan_naming_a_file_outside_the_model_is_refused(unet, tmp_path: Path, capsys) -> None:
+    """A plan whose file list points outside the model folder (or whose root is another folder)
+    is refused before anything is read from the named path: the plan only names files, the
+    checkpoint found under the root is what gets opened and compared."""
+    path, _ = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out) == 0
+    d = yaml.safe_load(out.read_text())
+    d["checkpoint"]["files"][0]["path"] = "../../../../etc/passwd"
+    out.write_text(yaml.safe_dump(d))
+    with pytest.raises(PlanError, match="made for other files"):
+        PlannedRun(out)
+    capsys.readouterr()
+    assert main(["run", str(out), "--prompt", "x", "-o", str(tmp_path / "x.png")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "made for other files" in err[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_nan_in_activations_stops_the_run_naming_the_op(unet, tmp_path: Path) -> None:
+    """An activation that turns NaN/Inf (here: an input with a NaN) is detected after the op that
+    produced it; the run stops with one line naming that op."""
+    from streamexec.errors import StreamexecError
+
+    path, _ = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out) == 0
+    g = torch.Generator().manual_seed(3)
+    sample = torch.randn(2, 4, 16, 16, generator=g).numpy()
+    sample[1, 2, 5, 7] = np.inf
+    run = PlannedRun(out)
+    try:
+        comp = run.components["unet"]
+        first = comp.graph.ops[next(i for i, op in enumerate(comp.graph.ops) if "sample" in op.inputs)]
+        with pytest.raises(StreamexecError) as ei:
+            comp.run(sample=sample, timestep=np.array([999.0, 17.0], np.float32),
+                     encoder_hidden_states=torch.randn(2, 77, 24, generator=g).numpy())
+    finally:
+        run.close()
+    msg = str(ei.value)
+    assert "\n" not in msg and "NaN/Inf" in msg and f"op {first.name} " in msg
+
+
 def test_unsafe_yaml_is_refused(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "evil.yaml"
     bad.write_text("kind: streamexec-plan\nversion: 1\nx: !!python/object/apply:os.system ['echo owned']\n")

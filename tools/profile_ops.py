@@ -6,6 +6,7 @@ the time outside ops (Python between ops, waiting for weights).
     python tools/profile_ops.py                                       # SD 1.5 UNet, 512², batch 2
     python tools/profile_ops.py --component transformer --ckpt /tmp/streamexec-bench/flux-slice-1d1s --size 1024
     python tools/profile_ops.py --component text_encoder_2 --ckpt /tmp/streamexec-bench/t5-slice-2l --size 512
+    python tools/profile_ops.py --component text_encoder --ckpt /tmp/streamexec-bench/sd15-clip-l-fp16 --size 2
 
 Inputs are the ones ``tools/bench_peers.py`` uses (seeded random). FLOPs come from the planner's
 cost model (``planner/costs.py``; a Winograd conv is credited with the direct algorithm's FLOPs,
@@ -43,7 +44,9 @@ def _inputs(component: str, size: int) -> dict:
                     txt_ids=np.zeros((256, 3), np.float32))
     if component == "text_encoder_2":
         return dict(input_ids=rng.integers(0, 32128, (1, size), dtype=np.int64))
-    raise SystemExit(f"no inputs for component {component!r} (unet, transformer, text_encoder_2)")
+    if component == "text_encoder":  # CLIP: --size is the batch (2 = prompt + negative prompt)
+        return dict(input_ids=rng.integers(0, 49408, (size, 77), dtype=np.int64))
+    raise SystemExit(f"no inputs for component {component!r} (unet, transformer, text_encoder_2, text_encoder)")
 
 
 def main() -> None:
