@@ -1,6 +1,7 @@
-"""Helpers shared by the budget benchmarks (``bench_unet_budget.py``, ``bench_flux.py``): run a
-measurement in its own subprocess and read its peak RSS from the OS, make missing random-weight
-checkpoints with ``make_checkpoint.py``, compare outputs. Standard library only at import time
+"""Helpers shared by the benchmarks (``bench_unet_budget.py``, ``bench_flux.py``, ``bench_peers.py``,
+``bench_overlap.py``, ``profile_ops.py``): run a measurement in its own subprocess and read its
+peak RSS from the OS, make missing random-weight checkpoints with ``make_checkpoint.py``, the
+seeded model inputs every tool feeds, compare outputs. Standard library only at import time
 (numpy is imported where needed), so a child process that imports this costs nothing."""
 
 from __future__ import annotations
@@ -16,6 +17,45 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 GIB = 1 << 30
+TXT_TOKENS = 256  # FLUX.1-schnell's max_sequence_length
+
+
+def model_inputs(kind: str, size: int, seed: int = 1, latent_channels: int = 4) -> dict:
+    """Seeded random inputs of one model call, as the pipelines make them.
+
+    ``kind``/``size``: "unet" (image side; batch 2 = prompt + negative prompt, t = 500), "vae"
+    (latent side; ``latent_channels`` 4 for SD 1.5, 16 for FLUX), "clip" (batch of 77 BOS..EOS
+    token ids), "flux" (image side: packed latents [1, (size/16)², 64], T5 states
+    [1, 256, 4096], CLIP pooled [1, 768], schnell's first t, image ids (0, row, col), zero text
+    ids), "t5" (tokens)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    if kind == "unet":
+        lat = size // 8
+        return dict(sample=rng.standard_normal((2, 4, lat, lat), dtype=f32), timestep=np.full(2, 500.0, f32),
+                    encoder_hidden_states=rng.standard_normal((2, 77, 768), dtype=f32))
+    if kind == "vae":
+        return dict(z=rng.standard_normal((1, latent_channels, size, size), dtype=f32))
+    if kind == "clip":
+        ids = rng.integers(1, 49406, (size, 77), dtype=np.int64)
+        ids[:, 0] = 49406  # BOS
+        ids[:, -1] = 49407  # EOS (the highest id: the pooled token)
+        return dict(input_ids=ids)
+    if kind == "flux":
+        h2 = size // 16
+        img_ids = np.zeros((h2, h2, 3), f32)
+        img_ids[..., 1] = np.arange(h2)[:, None]
+        img_ids[..., 2] = np.arange(h2)[None, :]
+        return dict(hidden_states=rng.standard_normal((1, h2 * h2, 64), dtype=f32),
+                    encoder_hidden_states=rng.standard_normal((1, TXT_TOKENS, 4096), dtype=f32),
+                    pooled_projections=rng.standard_normal((1, 768), dtype=f32),
+                    timestep=np.array([1.0], f32), img_ids=img_ids.reshape(-1, 3),
+                    txt_ids=np.zeros((TXT_TOKENS, 3), f32))
+    if kind == "t5":
+        return dict(input_ids=rng.integers(0, 32128, (1, size), dtype=np.int64))
+    raise ValueError(f"no inputs for {kind!r} (unet, vae, clip, flux, t5)")
 
 
 class ChildFailed(RuntimeError):

@@ -61,11 +61,13 @@ from pathlib import Path
 from _bench_common import (
     GIB,
     MIB,
+    TXT_TOKENS,
     ChildFailed,
     ensure_checkpoint,
     evict_page_cache,
     free_bytes,
     mib,
+    model_inputs,
     page_cache_bytes,
     path_bytes,
     rel_err,
@@ -80,7 +82,6 @@ T5_DIR = "text_encoder_2"
 VAE_DIR = "vae"
 FLUX_SLICE = "flux-slice-1d1s"
 T5_SLICE = "t5-slice-2l"
-TXT_TOKENS = 256  # FLUX.1-schnell's max_sequence_length
 #: tensors compared between the full checkpoints and the slices (internal names).
 SLICE_CHECK = {
     "transformer": ["context_embedder.weight", "transformer_blocks.0.attn.to_k.weight",
@@ -295,35 +296,11 @@ def child_torch(spec: dict) -> dict:
 # -------------------------------------------------------------------------------------- inputs
 
 
-def flux_inputs(path: Path, size: int, seed: int) -> None:
-    """Inputs as FluxPipeline makes them for a size×size image: packed latents [1, (size/16)², 64],
-    T5 states [1, 256, 4096], CLIP pooled [1, 768], t, image ids (0, row, col), zero text ids."""
+def save_inputs(path: Path, kind: str, n: int, seed: int) -> None:
+    """``model_inputs`` of a FLUX.1 component (the VAE's latents have 16 channels) into ``path``."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    h2 = w2 = size // 16
-    img_ids = np.zeros((h2, w2, 3), np.float32)
-    img_ids[..., 1] = np.arange(h2)[:, None]
-    img_ids[..., 2] = np.arange(w2)[None, :]
-    np.savez(path, hidden_states=rng.standard_normal((1, h2 * w2, 64), dtype=np.float32),
-             encoder_hidden_states=rng.standard_normal((1, TXT_TOKENS, 4096), dtype=np.float32),
-             pooled_projections=rng.standard_normal((1, 768), dtype=np.float32),
-             timestep=np.array([1.0], np.float32),  # schnell's first step
-             img_ids=img_ids.reshape(-1, 3), txt_ids=np.zeros((TXT_TOKENS, 3), np.float32))
-
-
-def t5_inputs(path: Path, tokens: int, seed: int) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    np.savez(path, input_ids=rng.integers(0, 32128, (1, tokens), dtype=np.int64))
-
-
-def vae_inputs(path: Path, latent: int, seed: int) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    np.savez(path, z=rng.standard_normal((1, 16, latent, latent), dtype=np.float32))
+    np.savez(path, **model_inputs(kind, n, seed, latent_channels=16))
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -367,7 +344,7 @@ class Bench:
     def inputs(self, kind: str, n: int) -> Path:
         p = self.tmp / f"{kind}-{n}.npz"
         if not p.exists():
-            {"flux": flux_inputs, "t5": t5_inputs, "vae": vae_inputs}[kind](p, n, self.args.seed + 1)
+            save_inputs(p, kind, n, self.args.seed + 1)
         return p
 
     def wait_idle(self) -> float:

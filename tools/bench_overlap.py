@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _bench_common import MIB, ensure_checkpoint, evict_page_cache, path_bytes, weight_files
+from _bench_common import MIB, ensure_checkpoint, evict_page_cache, model_inputs, path_bytes, weight_files
 
 UNET = Path("/tmp/streamexec-bench-sd15-unet-fp16")
 
@@ -36,29 +36,20 @@ def _io_read_bytes() -> int:
     return 0
 
 
-def _inputs(component: str, size: int):
-    import numpy as np
+#: component -> model_inputs kind (what --size means: image side, tokens, or CLIP's batch)
+KINDS = {"unet": "unet", "transformer": "flux", "text_encoder_2": "t5", "text_encoder": "clip"}
 
-    rng = np.random.default_rng(1)
-    if component == "unet":
-        lat = size // 8
-        return dict(sample=rng.standard_normal((2, 4, lat, lat), dtype=np.float32), timestep=500.0,
-                    encoder_hidden_states=rng.standard_normal((2, 77, 768), dtype=np.float32))
-    h2 = size // 16
-    ids = np.zeros((h2, h2, 3), np.float32)
-    ids[..., 1] = np.arange(h2)[:, None]
-    ids[..., 2] = np.arange(h2)[None, :]
-    return dict(hidden_states=rng.standard_normal((1, h2 * h2, 64), dtype=np.float32),
-                encoder_hidden_states=rng.standard_normal((1, 256, 4096), dtype=np.float32),
-                pooled_projections=rng.standard_normal((1, 768), dtype=np.float32),
-                timestep=np.array([1.0], np.float32), img_ids=ids.reshape(-1, 3),
-                txt_ids=np.zeros((256, 3), np.float32))
+
+def _inputs(component: str, size: int) -> dict:
+    if component not in KINDS:
+        raise SystemExit(f"no inputs for component {component!r} ({', '.join(KINDS)})")
+    return model_inputs(KINDS[component], size)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", type=Path, default=UNET)
-    ap.add_argument("--component", default="unet", help="unet or transformer")
+    ap.add_argument("--component", default="unet", help="unet, transformer, text_encoder_2 or text_encoder")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--budget", default="2G")
     ap.add_argument("--repeat", type=int, default=2, help="calls per cache state")

@@ -52,12 +52,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench_common import MIB, ChildFailed, ensure_checkpoint, rel_err, threads, vmhwm
+from _bench_common import MIB, ChildFailed, ensure_checkpoint, model_inputs, rel_err, threads, vmhwm
 from _bench_common import run_child as _run_child
 
 HERE = Path(__file__).resolve().parent
 TMP = Path(tempfile.gettempdir())
-TXT_TOKENS = 256  # FLUX.1-schnell's text length
 
 #: name -> (checkpoint folder, make_checkpoint.py args, streamexec component, reference class)
 CKPTS = {
@@ -134,32 +133,9 @@ def run_child(cmd: list[str], env: dict[str, str]) -> dict:
 def make_inputs(case: str, path: Path) -> None:
     import numpy as np
 
-    rng = np.random.default_rng(1)
     ck, _, _, a = CASES[case]
-    if ck == "unet":
-        lat = a["size"] // 8
-        np.savez(path, sample=rng.standard_normal((2, 4, lat, lat), dtype=np.float32),
-                 timestep=np.full(2, 500.0, np.float32),
-                 encoder_hidden_states=rng.standard_normal((2, 77, 768), dtype=np.float32))
-    elif ck == "vae":
-        np.savez(path, z=rng.standard_normal((1, 4, a["latent"], a["latent"]), dtype=np.float32))
-    elif ck == "clip":
-        ids = rng.integers(1, 49406, (a["batch"], 77), dtype=np.int64)
-        ids[:, 0] = 49406  # BOS
-        ids[:, -1] = 49407  # EOS (the highest id: the pooled token)
-        np.savez(path, input_ids=ids)
-    elif ck == "flux":
-        h2 = a["size"] // 16
-        img_ids = np.zeros((h2, h2, 3), np.float32)
-        img_ids[..., 1] = np.arange(h2)[:, None]
-        img_ids[..., 2] = np.arange(h2)[None, :]
-        np.savez(path, hidden_states=rng.standard_normal((1, h2 * h2, 64), dtype=np.float32),
-                 encoder_hidden_states=rng.standard_normal((1, TXT_TOKENS, 4096), dtype=np.float32),
-                 pooled_projections=rng.standard_normal((1, 768), dtype=np.float32),
-                 timestep=np.array([1.0], np.float32), img_ids=img_ids.reshape(-1, 3),
-                 txt_ids=np.zeros((TXT_TOKENS, 3), np.float32))
-    elif ck == "t5":
-        np.savez(path, input_ids=rng.integers(0, 32128, (1, a["tokens"]), dtype=np.int64))
+    size = {"unet": "size", "vae": "latent", "clip": "batch", "flux": "size", "t5": "tokens"}[ck]
+    np.savez(path, **model_inputs(ck, a[size]))
 
 
 # --------------------------------------------------------------------------------------- children

@@ -8,9 +8,9 @@ the time outside ops (Python between ops, waiting for weights).
     python tools/profile_ops.py --component text_encoder_2 --ckpt /tmp/streamexec-bench/t5-slice-2l --size 512
     python tools/profile_ops.py --component text_encoder --ckpt /tmp/streamexec-bench/sd15-clip-l-fp16 --size 2
 
-Inputs are the ones ``tools/bench_peers.py`` uses (seeded random). FLOPs come from the planner's
-cost model (``planner/costs.py``; a Winograd conv is credited with the direct algorithm's FLOPs,
-so its GFLOP/s is "effective").
+Inputs are the ones ``tools/bench_peers.py`` uses (``_bench_common.model_inputs``, seeded).
+FLOPs come from the planner's cost model (``planner/costs.py``; a Winograd conv is credited
+with the direct algorithm's FLOPs, so its GFLOP/s is "effective").
 """
 
 from __future__ import annotations
@@ -21,32 +21,19 @@ import sys
 import time
 from pathlib import Path
 
+from _bench_common import ensure_checkpoint, model_inputs
+
 UNET = Path("/tmp/streamexec-bench-sd15-unet-fp16")
 
 
-def _inputs(component: str, size: int) -> dict:
-    import numpy as np
+#: component -> model_inputs kind (what --size means: image side, tokens, or CLIP's batch)
+KINDS = {"unet": "unet", "transformer": "flux", "text_encoder_2": "t5", "text_encoder": "clip"}
 
-    rng = np.random.default_rng(1)
-    if component == "unet":
-        lat = size // 8
-        return dict(sample=rng.standard_normal((2, 4, lat, lat), dtype=np.float32), timestep=500.0,
-                    encoder_hidden_states=rng.standard_normal((2, 77, 768), dtype=np.float32))
-    if component == "transformer":
-        h2 = size // 16
-        ids = np.zeros((h2, h2, 3), np.float32)
-        ids[..., 1] = np.arange(h2)[:, None]
-        ids[..., 2] = np.arange(h2)[None, :]
-        return dict(hidden_states=rng.standard_normal((1, h2 * h2, 64), dtype=np.float32),
-                    encoder_hidden_states=rng.standard_normal((1, 256, 4096), dtype=np.float32),
-                    pooled_projections=rng.standard_normal((1, 768), dtype=np.float32),
-                    timestep=np.array([1.0], np.float32), img_ids=ids.reshape(-1, 3),
-                    txt_ids=np.zeros((256, 3), np.float32))
-    if component == "text_encoder_2":
-        return dict(input_ids=rng.integers(0, 32128, (1, size), dtype=np.int64))
-    if component == "text_encoder":  # CLIP: --size is the batch (2 = prompt + negative prompt)
-        return dict(input_ids=rng.integers(0, 49408, (size, 77), dtype=np.int64))
-    raise SystemExit(f"no inputs for component {component!r} (unet, transformer, text_encoder_2, text_encoder)")
+
+def _inputs(component: str, size: int) -> dict:
+    if component not in KINDS:
+        raise SystemExit(f"no inputs for component {component!r} ({', '.join(KINDS)})")
+    return model_inputs(KINDS[component], size)
 
 
 def main() -> None:
@@ -58,8 +45,6 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
     if args.ckpt == UNET:
-        from _bench_common import ensure_checkpoint
-
         ensure_checkpoint(UNET, "unet", "--preset", "sd15", "--dtype", "fp16", marker="config.json")
     import streamexec
     from streamexec.planner.costs import op_cost
