@@ -46,37 +46,28 @@ def save_png(path: str | Path, image: np.ndarray, parameters: dict) -> Path:
     info = PngInfo()
     info.add_text("parameters", parameters_text(parameters))
     info.add_text("streamexec", json.dumps(parameters, sort_keys=True, default=str))
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    except OSError as e:
-        raise StreamexecError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(image, "RGB").save(fh, format="PNG", pnginfo=info)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise StreamexecError(f"cannot write {path}: {e.strerror}") from None
-        raise
-    return path
+    return _atomic(path, lambda fh: Image.fromarray(image, "RGB").save(fh, format="PNG", pnginfo=info),
+                   make_folder=True, durable=True)
 
 
-def _atomic(path: str | Path, write) -> Path:
+def _atomic(path: str | Path, write, *, make_folder: bool = False, durable: bool = False) -> Path:
+    """Run ``write(fh)`` on a temporary file next to ``path``, then rename it over ``path``: readers
+    see the old file or the whole new one, never a part; on any error the temporary goes.
+    ``make_folder`` creates missing parent folders; ``durable`` fsyncs before the rename."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     try:
+        if make_folder:
+            folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
     except OSError as e:
         raise StreamexecError(f"cannot write {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException as e:
