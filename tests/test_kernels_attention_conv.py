@@ -301,6 +301,18 @@ def test_conv2d_auto_picks_winograd_for_3x3_stride_1():
         conv2d_plan((2, 3, 4, 4), (3, 3, 3, 3), "F32", algo="fft")
 
 
+def test_bad_streamexec_conv_value_warns_and_keeps_auto():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, STREAMEXEC_CONV="fft")
+    r = subprocess.run([sys.executable, "-c", "import streamexec.kernels.conv as c; print(c.DEFAULT_ALGO)"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "auto"
+    assert "STREAMEXEC_CONV='fft' is not one of auto, direct, winograd; using auto" in r.stderr
+
+
 def test_winograd_scratch_within_estimate():
     """Traced allocations of the Winograd path stay within conv2d_scratch_bytes."""
     rng = np.random.default_rng(16)

@@ -45,6 +45,7 @@ below aim there while keeping per-worker scratch to a few MB.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 from numba import njit
@@ -90,7 +91,10 @@ _WINO_MIN_TILES = 64
 #: "auto" (Winograd where it applies), "direct" (im2col + GEMM everywhere) or "winograd";
 #: STREAMEXEC_CONV overrides the default, for comparisons.
 ALGOS = ("auto", "direct", "winograd")
-DEFAULT_ALGO = os.environ.get("STREAMEXEC_CONV", "auto") if os.environ.get("STREAMEXEC_CONV") in ALGOS else "auto"
+DEFAULT_ALGO = os.environ.get("STREAMEXEC_CONV") or "auto"
+if DEFAULT_ALGO not in ALGOS:
+    warnings.warn(f"STREAMEXEC_CONV={DEFAULT_ALGO!r} is not one of {', '.join(ALGOS)}; using auto", stacklevel=1)
+    DEFAULT_ALGO = "auto"
 
 _WEIGHT_TAGS = tuple(DECODE_TAGS)
 _BIAS_TAG_OF_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
