@@ -15,7 +15,8 @@ import numpy as np
 
 from .errors import StreamexecError
 from .models.graph import Graph
-from .planner.fit import Fit
+from .planner.fit import BASELINE_SLACK, Fit
+from .planner.menus import ParamMenus
 from .runtime.executor import Executor
 from .runtime.process import measure_baseline
 from .sizes import parse_size
@@ -69,7 +70,7 @@ class StreamedModel:
                 continue
             if self.baseline is None:
                 self.baseline = process_baseline({t.dtype for t in self.store.tensors.values()})
-            if self.baseline > base + (8 << 20):
+            if self.baseline > base + BASELINE_SLACK:
                 return None  # this process is bigger than the planning one: fit again
             peak = max(sched.planned_bytes.values(), default=0)
             return Fit(sched, [], self.memory_budget if isinstance(self.memory_budget, int) else peak, base, peak,
@@ -83,7 +84,7 @@ class StreamedModel:
         graph, fit = self._graphs[key]
         self.last_fit = fit
         ex = Executor(graph, self.store, fit.schedule, trace=self.trace, scratch_dir=self.scratch_dir,
-                      budget=self._guard_limit(fit), strict=self.strict)
+                      budget=self._guard_limit(fit), strict=self.strict, menus=ParamMenus(graph, self.store))
         self.last_executor = ex
         out = ex.run(feeds)
         if ex.schedule is not fit.schedule:  # the guard adapted it: the next calls start from there

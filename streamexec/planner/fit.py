@@ -28,11 +28,22 @@ from dataclasses import dataclass, field
 
 from ..errors import BudgetError
 from ..models.graph import Graph
-from ..runtime.executor import Schedule
-from ..runtime.process import SAFETY_MARGIN
-from ..runtime.spill import BAND_ELEMS, banded_output, streamable
 from ..sizes import format_size
 from .memory import WeightTable, ooc_scratch, op_scratch, out_bytes, param_options
+from .schedule import Schedule
+from .streaming import BAND_ELEMS, banded_output, streamable
+
+_MIB = 1 << 20
+
+#: What the planner adds to the measured baseline for things it cannot see op by op: kernel code
+#: compiled or loaded from the cache mid-run, OpenBLAS' per-thread packing buffers, the Python
+#: objects of the trace, allocator rounding. Checked by the VmHWM tests.
+SAFETY_MARGIN = 24 * _MIB
+
+#: How much bigger than the process a plan was made in (its baseline) a process may be and still
+#: run the plan's schedule as it is; past this the schedule is fitted again (``api.py``,
+#: ``runtime/planned.py``).
+BASELINE_SLACK = 8 * _MIB
 
 
 @dataclass
@@ -307,5 +318,5 @@ def fit_schedule(graph: Graph, weights: WeightTable, budget: int | str | None, b
     return Fit(walk.schedule(), walk.memory, budget, baseline, peak, minimum, walk.unit_names)
 
 
-def _round_up(n: int, step: int = 1 << 20) -> int:
+def _round_up(n: int, step: int = _MIB) -> int:
     return -(-n // step) * step

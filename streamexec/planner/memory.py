@@ -17,6 +17,7 @@ from ..kernels.conv import conv2d_plan, conv2d_scratch_bytes
 from ..kernels.linear import default_panel_rows, hidden_scratch_bytes, linear_scratch_bytes, linear_workers
 from ..models.graph import Graph, Op
 from ..weights.dtypes import DTYPES
+from .streaming import ooc_rows
 
 F32 = 4
 
@@ -261,8 +262,6 @@ OPTIONS: dict[str, Options] = {
 def ooc_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
     """Bytes a banded (out-of-core) run of ``op`` allocates: its row bands of input, output and
     residual, and for conv2d the kernel scratch over one band's input slab."""
-    from ..runtime.ops import ooc_rows
-
     shape = graph.tensors[op.output]
     rows = ooc_rows(shape, params, graph.tensors[op.inputs[0]] if op.kind == "conv2d" else None)
     if op.kind == "conv2d":

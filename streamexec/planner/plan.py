@@ -18,10 +18,10 @@ from .. import __version__
 from ..errors import PlanError
 from ..models.graph import Graph, Op
 from ..models.registry import RunShape, build_component
-from ..runtime.executor import PREFETCH_MODES, Schedule
 from ..weights.checkpoint import Checkpoint
 from .costs import OpCost, op_cost
 from .fit import Fit, OpMemory, fit_schedule, weight_table
+from .schedule import PREFETCH_MODES, Schedule
 
 PLAN_VERSION = 1
 PLAN_KIND = "streamexec-plan"

@@ -9,7 +9,7 @@ import gc
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,50 +18,12 @@ from ..errors import StreamexecError
 from ..kernels.activations import all_finite
 from ..kernels.attention import blas_single_threaded
 from ..models.graph import Graph
+from ..planner.schedule import Schedule
 from ..weights.store import WeightStore
-from .guard import BudgetGuard, GuardEvent, ParamMenus, malloc_trim, note_peak
+from .guard import BudgetGuard, GuardEvent, ShrinkMenus, malloc_trim, note_peak
 from .ops import OPS, OpContext
 from .process import current_rss, peak_rss, reset_peak_rss, tune_malloc
 from .spill import Spilled, SpillStore
-
-#: How the weights of the next unit are loaded while a unit computes: "populate" maps them into
-#: the process (costs RSS, no page faults later), "readahead" only asks the kernel to read them
-#: into the page cache (no RSS), "none" loads nothing ahead.
-PREFETCH_MODES = ("populate", "readahead", "none")
-
-
-@dataclass
-class Schedule:
-    """How to run a graph, as the planner decided: ops grouped into streaming units; per unit how
-    the next unit's weights are loaded meanwhile; per op kernel parameters (row_chunk,
-    panel_rows, q_tile, k_tile, band_rows); which activations go to disk after an op and come
-    back whole before one, or are read back band by band by the op itself (``stream_inputs``);
-    which ops write their output straight to disk, band by band (``disk_out``); and the planned
-    peak bytes of each op (for the trace)."""
-
-    units: list[list[int]]
-    op_params: dict[int, dict] = field(default_factory=dict)
-    prefetch: list[str] | None = None
-    spill_after: dict[int, list[str]] = field(default_factory=dict)
-    reload_before: dict[int, list[str]] = field(default_factory=dict)
-    planned_bytes: dict[int, int] = field(default_factory=dict)
-    stream_inputs: dict[int, list[str]] = field(default_factory=dict)
-    disk_out: set[int] = field(default_factory=set)
-
-    def prefetch_mode(self, u: int) -> str:
-        return "populate" if self.prefetch is None else self.prefetch[u]
-
-    @classmethod
-    def by_unit(cls, graph: Graph) -> Schedule:
-        """One streaming unit per builder unit (consecutive ops with the same ``unit``)."""
-        units: list[list[int]] = []
-        last = None
-        for i, op in enumerate(graph.ops):
-            if op.unit != last or not units:
-                units.append([])
-                last = op.unit
-            units[-1].append(i)
-        return cls(units)
 
 
 @dataclass
@@ -86,11 +48,13 @@ class Executor:
     (``runtime/guard.py``): after every op the process is sampled; going over the budget raises
     ``BudgetExceeded`` naming the op with ``strict``, else the rest of the run is cut finer (no
     weights mapped ahead, one op per unit, smaller kernel parameters) on a copy of the schedule
-    — ``self.schedule`` is then the adapted one and ``self.guard_events`` says what happened."""
+    — ``self.schedule`` is then the adapted one and ``self.guard_events`` says what happened.
+    The smaller kernel parameters come from ``menus`` (the planner's, built by the caller:
+    ``planner.menus.ParamMenus``); without them the guard only streams op by op."""
 
     def __init__(self, graph: Graph, store: WeightStore, schedule: Schedule | None = None,
                  *, trace: bool = False, check_finite: bool = True, scratch_dir: str | None = None,
-                 budget: int | None = None, strict: bool = False) -> None:
+                 budget: int | None = None, strict: bool = False, menus: ShrinkMenus | None = None) -> None:
         self.graph = graph
         self.store = store
         self.schedule = schedule or Schedule.by_unit(graph)
@@ -100,7 +64,7 @@ class Executor:
         self._guard: BudgetGuard | None = None
         self._adapted = False
         self._streamed_from: int | None = None  # the unit where the guard began streaming op by op
-        self._menus: ParamMenus | None = None
+        self._menus = menus
         self.trace = trace
         self.check_finite = check_finite
         self.scratch_dir = scratch_dir
@@ -327,9 +291,7 @@ class Executor:
                 self._unit_weights[u + 1:] = [sorted(set(self.graph.ops[j].weights.values())) for [j] in split]
                 self._streamed_from = u
                 return "stream", "from the next op on, one op per unit and no weights mapped ahead"
-        if self._menus is None:
-            self._menus = ParamMenus(self.graph, self.store)
-        changed = self._menus.shrink(s.op_params, range(i + 1, len(self.graph.ops)))
+        changed = 0 if self._menus is None else self._menus.shrink(s.op_params, range(i + 1, len(self.graph.ops)))
         if changed:
             g.level += 1
             return "shrink", f"{changed} later ops to smaller row chunks/panels/tiles/bands (step {g.level - 1})"

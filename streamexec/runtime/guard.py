@@ -23,9 +23,10 @@ are already in) and only ever change how the work is cut, never what is computed
 1. no weights mapped ahead (``populate`` → ``readahead``: page cache only) and one op per
    streaming unit (only the running op's weights resident), skipped if the plan already does both;
 2. then, at each further trigger, every later op's kernel parameters one step further down the
-   planner's own menu (:func:`streamexec.planner.memory.param_options`: row chunks, weight panels,
-   attention q/k tiles, conv bands halved down to their minimum), until nothing is left to shrink
-   (logged once).
+   planner's own menu (:class:`ShrinkMenus`, handed in by the caller: the planner's
+   ``planner.menus.ParamMenus`` over :func:`streamexec.planner.memory.param_options`: row chunks,
+   weight panels, attention q/k tiles, conv bands halved down to their minimum), until nothing is
+   left to shrink (logged once); without menus this step is "exhausted" at once.
 
 Every adaptation also returns freed heap to the OS (``malloc_trim``). The guard does not add
 spills: which activations to send to disk is a whole-graph decision (their next uses, bands) that
@@ -46,7 +47,9 @@ from __future__ import annotations
 import ctypes
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import BudgetError
 from ..sizes import format_size
@@ -192,51 +195,10 @@ class BudgetGuard:
         self.sampler.close()
 
 
-class ParamMenus:
-    """The planner's kernel-parameter menus of a graph's ops (built on first use, per op)."""
+class ShrinkMenus(Protocol):
+    """The kernel-parameter menus of a graph's ops, handed to the executor by whoever plans
+    (``planner.menus.ParamMenus``): the guard only asks it to step ops down."""
 
-    SHRINKABLE = ("linear", "conv2d", "attention", "prefix_attention", "mlp", "parallel_mlp")
-
-    def __init__(self, graph, store) -> None:
-        self.graph, self.store = graph, store
-        self._table = None
-        self._menus: dict[int, list[dict]] = {}
-
-    @property
-    def table(self):
-        if self._table is None:
-            from ..planner.fit import weight_table
-
-            self._table = weight_table(self.store)
-        return self._table
-
-    def menu(self, i: int) -> list[dict]:
-        if i not in self._menus:
-            from ..planner.memory import param_options
-
-            op = self.graph.ops[i]
-            self._menus[i] = param_options(self.graph, op, self.table) if op.kind in self.SHRINKABLE else [{}]
-        return self._menus[i]
-
-    def shrink(self, op_params: dict[int, dict], ops) -> int:
-        """Move each of ``ops`` one step down its menu (smaller row chunks, panels, tiles,
-        bands); returns how many ops changed."""
-        from ..planner.memory import op_scratch
-
-        changed = 0
-        for i in ops:
-            menu = self.menu(i)
-            if len(menu) < 2:
-                continue
-            cur = op_params.get(i, {})
-            if cur in menu:
-                at = menu.index(cur)
-            else:  # a plan's own choice off the menu: the first entry no bigger than it
-                op = self.graph.ops[i]
-                size = op_scratch(self.graph, op, self.table, cur)
-                at = next((k for k, p in enumerate(menu) if op_scratch(self.graph, op, self.table, p) <= size),
-                          len(menu) - 1)
-            if at + 1 < len(menu):
-                op_params[i] = dict(menu[at + 1])
-                changed += 1
-        return changed
+    def shrink(self, op_params: dict[int, dict], ops: Iterable[int]) -> int:
+        """Move each of ``ops`` one step down its menu in ``op_params``; how many changed."""
+        ...

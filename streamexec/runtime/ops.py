@@ -24,23 +24,9 @@ from ..kernels.norms import (
     rms_norm,
 )
 from ..models.graph import Op
+from ..planner.streaming import BAND_ELEMS, ooc_rows, row_axis
 from ..weights.store import WeightStore
-from .spill import BAND_ELEMS, Spilled, put_rows, row_axis, rows_of
-
-#: Rows per band for ops that run out of core when the plan does not say (about 8 MiB of f32).
-OOC_TARGET_BYTES = 8 << 20
-
-
-def ooc_rows(shape: tuple[int, ...], params: dict, in_shape: tuple[int, ...] | None = None) -> int:
-    """Output rows per band of a banded op writing a tensor of ``shape`` (the plan's ``ooc_rows``),
-    sized so the wider of an output row and an input row (``in_shape``) takes ~8 MiB a band."""
-    if params.get("ooc_rows"):
-        return int(params["ooc_rows"])
-    axis = row_axis(shape)
-    per_row = 4 * int(np.prod(shape)) // max(1, shape[axis])
-    if in_shape is not None:
-        per_row = max(per_row, 4 * int(np.prod(in_shape)) // max(1, in_shape[row_axis(in_shape)]))
-    return max(1, min(shape[axis], OOC_TARGET_BYTES // max(1, per_row)))
+from .spill import Spilled, put_rows, rows_of
 
 
 @dataclass

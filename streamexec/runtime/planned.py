@@ -11,9 +11,14 @@ import numpy as np
 
 from ..errors import PlanError
 from ..models.graph import Graph
+from ..planner.fit import BASELINE_SLACK, fit_schedule, weight_table
+from ..planner.menus import ParamMenus
+from ..planner.plan import check_checkpoint, check_weights, graph_from_dict, read_plan_dict
+from ..planner.schedule import Schedule
 from ..weights.checkpoint import Checkpoint, open_checkpoint
 from ..weights.store import WeightStore
-from .executor import Executor, Schedule
+from .executor import Executor
+from .guard import ShrinkMenus
 from .process import measure_baseline
 
 
@@ -26,18 +31,19 @@ class PlannedComponent:
     schedule for the next calls. ``guard = False`` (or no byte budget) runs exactly the plan."""
 
     def __init__(self, name: str, graph: Graph, schedule: Schedule, store: WeightStore, scratch_dir: str | None,
-                 budget: int | None = None, strict: bool = False):
+                 budget: int | None = None, strict: bool = False, menus: ShrinkMenus | None = None):
         self.name, self.graph, self.schedule, self.store = name, graph, schedule, store
         self.scratch_dir = scratch_dir
         self.budget = budget
         self.strict = strict
+        self.menus = menus
         self.guard = True
         self.trace = False
         self.last_executor: Executor | None = None
 
     def run(self, **inputs: np.ndarray) -> list[np.ndarray]:
         ex = Executor(self.graph, self.store, self.schedule, trace=self.trace, scratch_dir=self.scratch_dir,
-                      budget=self.budget if self.guard else None, strict=self.strict)
+                      budget=self.budget if self.guard else None, strict=self.strict, menus=self.menus)
         self.last_executor = ex
         out = ex.run(inputs)
         if ex.schedule is not self.schedule:  # the guard adapted it: the next calls start from there
@@ -53,9 +59,6 @@ class PlannedRun:
 
     def __init__(self, plan_path: str | Path, model: str | Path | None = None, scratch_dir: str | None = None,
                  memory_budget: int | None = None, *, strict: bool = False) -> None:
-        from ..planner.fit import fit_schedule, weight_table
-        from ..planner.plan import check_checkpoint, check_weights, graph_from_dict, read_plan_dict
-
         self.plan = read_plan_dict(plan_path)
         root = model if model is not None else (self.plan.get("checkpoint") or {}).get("root")
         if not root:
@@ -80,13 +83,14 @@ class PlannedRun:
                 check_weights(graph, self.checkpoint, name)
                 store = self.checkpoint.store(name)
                 budget_changed = memory_budget is not None and memory_budget != mem.get("budget_bytes")
-                if base > planned_base + (8 << 20) or budget_changed:
+                if base > planned_base + BASELINE_SLACK or budget_changed:
                     # this process is bigger than the planning one (or the budget changed): re-fit
                     schedule = fit_schedule(graph, weight_table(store), budget, base).schedule
                     self.notes.append(f"{name}: re-planned for a process baseline of {base >> 20} MiB "
                                       f"(the plan assumed {planned_base >> 20} MiB)")
                 self.components[name] = PlannedComponent(name, graph, schedule, store, scratch_dir,
-                                                         budget=guard_limit, strict=strict)
+                                                         budget=guard_limit, strict=strict,
+                                                         menus=ParamMenus(graph, store))
         except BaseException:
             self.close()
             raise

@@ -10,11 +10,6 @@ import os
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _MIB = 1 << 20
 
-#: What the planner adds to the measured baseline for things it cannot see op by op: kernel code
-#: compiled or loaded from the cache mid-run, OpenBLAS' per-thread packing buffers, the Python
-#: objects of the trace, allocator rounding. Checked by the VmHWM tests.
-SAFETY_MARGIN = 24 * _MIB
-
 
 def current_rss() -> int:
     """Resident set size of this process now (bytes), from /proc/self/statm (cheap)."""

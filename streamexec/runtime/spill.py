@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StreamexecError
+from ..planner.streaming import row_axis
 from ..sizes import format_size
 
 
@@ -24,7 +25,8 @@ class SpillError(StreamexecError):
 
 class Spilled:
     """Stands in for an op input that stays on disk: the op reads it band by band (``read_into``)
-    instead of the executor loading it whole. Only ops listed in ``STREAMABLE`` receive one."""
+    instead of the executor loading it whole. Only inputs that ``planner.streaming.streamable``
+    allows receive one."""
 
     def __init__(self, store: SpillStore, name: str, shape: tuple[int, ...]) -> None:
         self.store, self.name, self.shape = store, name, tuple(shape)
@@ -58,11 +60,6 @@ class Spilled:
             self.store.write_from(self.name, b3[p], (p * h + r0) * inner)
 
 
-def row_axis(shape: tuple[int, ...]) -> int:
-    """The axis banded ops step along: H of NCHW maps, N (tokens) of [B, N, D], else the first."""
-    return 2 if len(shape) == 4 else (1 if len(shape) == 3 else 0)
-
-
 def rows_of(x, r0: int, r1: int) -> np.ndarray:
     """Rows r0:r1 of an array or a tensor on disk, C-contiguous."""
     if isinstance(x, Spilled):
@@ -80,39 +77,6 @@ def put_rows(out, r0: int, band: np.ndarray) -> None:
     idx = [slice(None)] * out.ndim
     idx[row_axis(out.shape)] = slice(r0, r0 + band.shape[row_axis(band.shape)])
     out[tuple(idx)] = band
-
-
-#: Band size for ops that combine a spilled input chunk by chunk (elements of f32: 4 MiB).
-BAND_ELEMS = 1 << 20
-
-
-def streamable(kind: str, position: int, attrs: dict) -> bool:
-    """Can input ``position`` of an op of ``kind`` be read back band by band from disk?
-    concat (any input: read straight into its slot of the output), add without broadcasting
-    (either side), the residual input of linear and conv2d, the main input of a stride-1 conv2d
-    and of group_norm (row bands with halos / two passes)."""
-    if kind == "concat":
-        return True
-    if kind == "add":
-        return not attrs.get("broadcast") and position in (0, 1)
-    if kind == "linear":
-        return position == 1 and not attrs.get("gate")
-    if kind == "conv2d":  # the input in row bands (stride 1), the residual band by band
-        return position == 1 or (position == 0 and attrs.get("stride", 1) == 1)
-    if kind == "group_norm":  # two passes over row bands: statistics, then normalise
-        return position == 0
-    return False
-
-
-def banded_output(kind: str, attrs: dict, shape: tuple[int, ...]) -> bool:
-    """Can an op of ``kind`` write its output straight to disk, band by band?"""
-    if kind == "conv2d":
-        return attrs.get("stride", 1) == 1
-    if kind == "group_norm":
-        return True
-    if kind == "add":
-        return not attrs.get("broadcast") and len(shape) in (3, 4)
-    return False
 
 
 class SpillStore:
