@@ -52,12 +52,14 @@ from streamexec.kernels import buffers
 __all__ = [
     "attention",
     "attention_scratch_bytes",
+    "attention_tiles",
     "blas_pinned",
     "blas_single_threaded",
     "default_tiles",
     "kernel_workers",
     "parallel_items",
     "parallel_min_flops",
+    "rel_bias_scratch_bytes",
 ]
 
 #: Fast-math flags for the softmax kernels. ``nnan`` lets LLVM vectorise the max reduction
@@ -66,6 +68,9 @@ _FM = {"reassoc", "contract", "nsz", "arcp", "nnan"}
 
 #: Score block budget (elements) for the default tiles: 512 K f32 = 2 MB per worker.
 _SCORE_BLOCK_ELEMS = 512 * 1024
+
+#: Zeros after each head's relative-bias row: the softmax select loops read up to 16 past the end.
+_BIAS_TAIL = 16
 
 #: Below this many flops a call runs in the calling thread: handing items to workers and
 #: parking/re-creating BLAS' pool costs ~0.1-0.4 ms (CLIP's 77-token attention: 0.36 ms in
@@ -498,6 +503,21 @@ def default_tiles(nq: int, nk: int, d: int, h: int = 1, workers: int = 1) -> tup
     return min(q_tile, max(nq, 1)), k_tile
 
 
+def attention_tiles(nq: int, nk: int, d: int, h: int = 1, q_tile: int | None = None, k_tile: int | None = None,
+                    workers: int | None = None) -> tuple[int, int]:
+    """The (q_tile, k_tile) :func:`attention` runs with: the given tiles or
+    :func:`default_tiles`, clamped to 1..Nq and 1..Nk. ``workers`` defaults to
+    :func:`kernel_workers`."""
+    dq, dk = default_tiles(nq, nk, d, h, kernel_workers() if workers is None else workers)
+    return max(1, min(int(q_tile or dq), nq)), max(1, min(int(k_tile or dk), nk))
+
+
+def rel_bias_scratch_bytes(h: int, nq: int, nk: int) -> int:
+    """Bytes of the zero-padded copy of a ``rel_bias`` [H, Nq + Nk - 1] that :func:`attention`
+    makes (the select loops read past each row's end)."""
+    return 4 * h * (nq + nk - 1 + _BIAS_TAIL)
+
+
 def attention_scratch_bytes(h: int, d: int, q_tile: int, k_tile: int, workers: int | None = None) -> int:
     """Bytes of scratch :func:`attention` allocates for these tiles (independent of Nq, Nk).
 
@@ -563,16 +583,14 @@ def attention(
     if rel_bias is not None:
         if rel_bias.shape != (nh, nq + nk - 1):
             raise ValueError(f"rel_bias must be [H, Nq+Nk-1] = {(nh, nq + nk - 1)}")
-        padded = np.zeros((nh, nq + nk - 1 + 16), np.float32)  # tail read by the select loops
+        padded = np.zeros((nh, nq + nk - 1 + _BIAS_TAIL), np.float32)  # tail read by the select loops
         padded[:, : nq + nk - 1] = rel_bias
         rel_bias = padded
     no_bias = np.empty(0, np.float32)
     boff = nq - 1
 
     workers = kernel_workers()
-    dq, dk = default_tiles(nq, nk, d, nh, workers)
-    tq = max(1, min(int(q_tile or dq), nq))
-    tk = max(1, min(int(k_tile or dk), nk))
+    tq, tk = attention_tiles(nq, nk, d, nh, q_tile, k_tile, workers)
     scale32 = np.float32(scale)
     tk_pad = (tk + 15) // 16 * 16
     n_qt = -(-nq // tq)

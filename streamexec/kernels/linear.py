@@ -53,7 +53,13 @@ __all__ = [
     "linear_scratch_bytes",
     "linear_workers",
     "default_panel_rows",
+    "panel_rows_for",
+    "hidden_rows",
     "hidden_scratch_bytes",
+    "geglu_scratch_bytes",
+    "residual_tile_bytes",
+    "HIDDEN_TARGET_BYTES",
+    "MLP_MIN_ROWS",
 ]
 
 # Default panel: ~12 MB of f32 per worker, a multiple of 32 rows in [128, 1024].  Each sgemm
@@ -90,8 +96,12 @@ _MIN_ROW_BLOCK = 256
 _MIN_COL_BLOCK = 128
 # Tiles needed only when the residual/gate aliases out: bound them to this many bytes.
 _TILE_TARGET_BYTES = 1 << 20
-# Default bound of the GEGLU / gated-GELU intermediate ([row_chunk, inner] f32).
-_HIDDEN_TARGET_BYTES = 32 << 20
+#: Default bound of a feed-forward's [rows, inner] f32 hidden intermediate: GEGLU / gated GELU
+#: here, and the fused FLUX/T5 MLPs built on ``linear`` (``runtime/ops_transformer.py``).
+HIDDEN_TARGET_BYTES = 32 << 20
+#: ... where the fused MLPs never step fewer token rows than this by default (each step
+#: re-decodes all the weight panels).
+MLP_MIN_ROWS = 256
 
 _EMPTY = np.empty(0, dtype=np.float32)
 _EMPTY.flags.writeable = False
@@ -144,6 +154,26 @@ def linear_scratch_bytes(k: int, panel_rows: int, workers: int | None = None) ->
 def hidden_scratch_bytes(inner: int, row_chunk: int) -> int:
     """Bytes of the [row_chunk, inner] f32 intermediate of ``geglu`` / ``gated_gelu``."""
     return 4 * row_chunk * inner
+
+
+def geglu_scratch_bytes(m: int, k: int, inner: int, w_dtype: str, *, row_chunk: int | None = None,
+                        panel_rows: int | None = None, workers: int | None = None) -> int:
+    """Bytes ``geglu`` allocates for x [m, k] and W [2 * inner, k] in ``w_dtype`` (besides
+    ``out`` and the decoded bias): its hidden rows (:func:`hidden_rows`) and, for a weight that
+    is decoded, the panel scratch its two half-products share."""
+    total = hidden_scratch_bytes(inner, hidden_rows(m, inner, row_chunk))
+    if w_dtype != "F32":
+        total += linear_scratch_bytes(k, panel_rows_for(k, inner, panel_rows), workers)
+    return total
+
+
+def residual_tile_bytes(n: int, workers: int | None = None) -> int:
+    """Bytes of the output tiles ``linear`` uses when ``out`` is ``residual`` (a residual added
+    in place): about ``_TILE_TARGET_BYTES`` per worker (``workers`` defaults to
+    ``linear_workers()``), plus one output row for a tile's rounding to whole rows."""
+    if workers is None:
+        workers = linear_workers()
+    return max(1, workers) * _TILE_TARGET_BYTES + 4 * n
 
 
 # --- epilogue -------------------------------------------------------------------------------------
@@ -353,9 +383,7 @@ def linear(
             nw = 1
     elif 2.0 * m * n * k < _PARALLEL_MIN_FLOP and (is_f32 or n * k < _PARALLEL_MIN_DECODE):
         nw = 1
-    if panel_rows is None:
-        panel_rows = default_panel_rows(k, n)
-    panel_rows = max(1, min(int(panel_rows), n))
+    panel_rows = panel_rows_for(k, n, panel_rows)
     if not is_f32:
         if scratch is None:
             scratch = buffers.empty(nw * panel_rows * k)
@@ -418,6 +446,23 @@ def linear(
     return out
 
 
+def panel_rows_for(k: int, n: int, panel_rows: int | None = None) -> int:
+    """The panel height ``linear`` uses for a weight of shape [n, k]: ``panel_rows`` (default
+    :func:`default_panel_rows`), at most n."""
+    if panel_rows is None:
+        panel_rows = default_panel_rows(k, n)
+    return max(1, min(int(panel_rows), n))
+
+
+def hidden_rows(m: int, inner: int, row_chunk: int | None = None, *, min_rows: int = 1) -> int:
+    """Rows per step of a feed-forward whose [rows, inner] f32 hidden is its intermediate
+    (``geglu``, ``gated_gelu``; the fused MLPs pass ``min_rows=MLP_MIN_ROWS``): ``row_chunk``,
+    by default ~``HIDDEN_TARGET_BYTES`` of hidden but at least ``min_rows``; at most ``m``."""
+    if row_chunk is None:
+        row_chunk = max(min_rows, HIDDEN_TARGET_BYTES // (4 * max(inner, 1)))
+    return max(1, min(int(row_chunk), max(m, 1)))
+
+
 def _rows_split(m: int, n: int, nw: int) -> bool:
     """Split the output by rows when x is at least as tall as W is wide and every worker still
     gets >= 512 rows (SD's 8192x320 products: 0.99 of sgemm split by rows, 0.8 by columns,
@@ -450,14 +495,7 @@ def _shared_scratch(scratch: np.ndarray | None, w_dtype: str, k: int, n: int, pa
     munmap + page faults were ~20 % of CLIP's time). Same size as one call's default."""
     if scratch is not None or w_dtype == "F32":
         return scratch
-    panel = max(1, min(int(panel_rows or default_panel_rows(k, n)), n))
-    return buffers.empty(linear_workers() * panel * k)
-
-
-def _default_rows(m: int, inner: int, row_chunk: int | None) -> int:
-    if row_chunk is None:
-        row_chunk = max(1, _HIDDEN_TARGET_BYTES // (4 * inner))
-    return max(1, min(int(row_chunk), max(m, 1)))
+    return buffers.empty(linear_workers() * panel_rows_for(k, n, panel_rows) * k)
 
 
 def geglu(
@@ -493,7 +531,7 @@ def geglu(
     if b is not None and b.shape != (n2,):
         raise ValueError(f"bias must have shape ({n2},), got {b.shape}")
     b_a, b_g = (None, None) if b is None else (b[:inner], b[inner:])
-    rows = _default_rows(m, inner, row_chunk)
+    rows = hidden_rows(m, inner, row_chunk)
     hid = _hidden(hidden, rows, inner)
     w_a, w_g = w[:inner], w[inner:]
     scratch = _shared_scratch(scratch, w_dtype, k, inner, panel_rows)
@@ -537,7 +575,7 @@ def gated_gelu(
     _check_x(x, k)
     m = x.shape[0]
     out = _f32_2d(out, (m, inner), "out")
-    rows = _default_rows(m, inner, row_chunk)
+    rows = hidden_rows(m, inner, row_chunk)
     hid = _hidden(hidden, rows, inner)
     if w1_dtype == w_dtype:
         scratch = _shared_scratch(scratch, w_dtype, k, inner, panel_rows)

@@ -12,9 +12,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 
-from ..kernels.attention import attention_scratch_bytes, default_tiles, kernel_workers
+from ..kernels.attention import (
+    attention_scratch_bytes,
+    attention_tiles,
+    default_tiles,
+    kernel_workers,
+    rel_bias_scratch_bytes,
+)
 from ..kernels.conv import conv2d_plan, conv2d_scratch_bytes
-from ..kernels.linear import default_panel_rows, hidden_scratch_bytes, linear_scratch_bytes, linear_workers
+from ..kernels.linear import (
+    MLP_MIN_ROWS,
+    default_panel_rows,
+    geglu_scratch_bytes,
+    hidden_rows,
+    linear_scratch_bytes,
+    panel_rows_for,
+    residual_tile_bytes,
+)
 from ..models.graph import Graph, Op
 from ..weights.dtypes import DTYPES
 from .streaming import ooc_rows
@@ -58,7 +72,7 @@ def _linear_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
     panels = [None] if meta.dtype == "F32" else _halvings(default_panel_rows(k, n), min(32, n))
     if gate:
         inner = n // 2 if op.attrs.get("gate") == "geglu" else n
-        rows = _halvings(max(1, min(m, (32 << 20) // (F32 * inner))), min(16, m))
+        rows = _halvings(hidden_rows(m, inner), min(16, m))
     else:
         rows = [None]
     out = []
@@ -83,15 +97,13 @@ def _linear_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
         total += F32 * w[op.weights["bias"]].shape[0]  # decoded bias
     gate = op.attrs.get("gate")
     if gate:
-        inner = n // 2 if gate == "geglu" else n
-        rows = params.get("row_chunk") or max(1, (32 << 20) // (F32 * inner))
-        total += hidden_scratch_bytes(inner, max(1, min(m, rows)))
-        n = inner
-    if meta.dtype != "F32":
-        panel = params.get("panel_rows") or default_panel_rows(k, n)
-        total += linear_scratch_bytes(k, min(panel, n), linear_workers())
-    if len(op.inputs) > 1:  # a residual accumulated in place uses a ~1 MiB tile per worker
-        total += linear_workers() * (1 << 20) + F32 * n
+        n = n // 2 if gate == "geglu" else n
+        total += geglu_scratch_bytes(m, k, n, meta.dtype, row_chunk=params.get("row_chunk"),
+                                     panel_rows=params.get("panel_rows"))
+    elif meta.dtype != "F32":
+        total += linear_scratch_bytes(k, panel_rows_for(k, n, params.get("panel_rows")))
+    if len(op.inputs) > 1:  # a residual from disk is accumulated in place, through small tiles
+        total += residual_tile_bytes(n)
     return total
 
 
@@ -137,19 +149,14 @@ def _attention_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
 
 def _attention_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
     nq, nk, h, d = _attention_dims(graph, op)
-    dq, dk = default_tiles(nq, nk, d, h, kernel_workers())
-    total = attention_scratch_bytes(h, d, params.get("q_tile") or dq, params.get("k_tile") or dk)
+    total = attention_scratch_bytes(h, d, *attention_tiles(nq, nk, d, h, params.get("q_tile"), params.get("k_tile")))
     if op.attrs.get("rel_bias"):
-        total += F32 * h * (nq + nk - 1 + 16)  # the padded bias copy
+        total += rel_bias_scratch_bytes(h, nq, nk)
     return total
 
 
 # FLUX / T5 fused MLPs (runtime/ops_transformer.py): the [rows, inner] hidden is the only
 # intermediate; every inner linear allocates its own decoded panels (freed when it returns).
-_MLP_HIDDEN_TARGET = 32 << 20
-_MLP_MIN_ROWS = 256
-
-
 def _mlp_dims(graph: Graph, op: Op, w: WeightTable) -> tuple[int, int, int, int]:
     """(rows per batch item, input width, inner width, the width the rows step is sized by)."""
     x = graph.tensors[op.inputs[0]]
@@ -160,8 +167,8 @@ def _mlp_dims(graph: Graph, op: Op, w: WeightTable) -> tuple[int, int, int, int]
 
 
 def _mlp_rows(n: int, width: int, params: dict) -> int:
-    rc = params.get("row_chunk") or max(_MLP_MIN_ROWS, _MLP_HIDDEN_TARGET // (F32 * max(width, 1)))
-    return max(1, min(int(rc), max(n, 1)))
+    """Token rows per step: the linear kernel's feed-forward rule, as the runtime op uses it."""
+    return hidden_rows(n, width, params.get("row_chunk"), min_rows=MLP_MIN_ROWS)
 
 
 def _mlp_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
@@ -193,8 +200,7 @@ def _mlp_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
     for role in ("up", "up_mul", "down"):
         if role in op.weights and w[op.weights[role]].dtype != "F32":
             nn, kk = w[op.weights[role]].shape[:2]
-            panel = params.get("panel_rows") or default_panel_rows(kk, nn)
-            panels = max(panels, linear_scratch_bytes(kk, min(panel, nn), linear_workers()))
+            panels = max(panels, linear_scratch_bytes(kk, panel_rows_for(kk, nn, params.get("panel_rows"))))
     return total + panels + sum(
         F32 * w[k].shape[0] for r, k in op.weights.items() if r.endswith("_bias"))
 

@@ -5,7 +5,8 @@ of ``models/graph.py``. What bounds memory here, read from ``ctx.params`` like t
 
 * ``mlp`` / ``parallel_mlp``: ``row_chunk`` = token rows per step; the [row_chunk, inner] hidden
   activation (FLUX: inner 12288) is the only intermediate, never [N, inner]. ``panel_rows`` goes
-  to the linear kernel. Default: ~32 MB of hidden rows.
+  to the linear kernel. Default: ``kernels.linear.hidden_rows`` (~32 MB of hidden rows, at
+  least ``MLP_MIN_ROWS``).
 * ``prefix_attention``: ``q_tile`` / ``k_tile`` as ``attention``.
 * the others make one output-sized array and nothing else.
 """
@@ -20,18 +21,12 @@ import numpy as np
 from ..kernels import activations as act
 from ..kernels.attention import attention
 from ..kernels.embeddings import apply_rope, rope_freqs
-from ..kernels.linear import linear
+from ..kernels.linear import MLP_MIN_ROWS, hidden_rows, linear
 from ..kernels.norms import rms_norm
 from ..models.graph import Op
 
 if TYPE_CHECKING:  # ops.py imports this module at its end: no import back at run time
     from .ops import OpContext, OpFn
-
-#: Default bound of the hidden [rows, inner] f32 activation of ``mlp`` / ``parallel_mlp``.
-_HIDDEN_TARGET_BYTES = 32 << 20
-#: ... but never fewer rows than this per step (each step re-decodes the weight panels).
-_MIN_ROWS = 256
-
 
 def _c32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
@@ -45,10 +40,9 @@ def _wargs(ctx: OpContext, op: Op, role: str) -> tuple:
 
 
 def _rows_per_step(ctx: OpContext, m: int, inner: int) -> int:
-    rc = ctx.params.get("row_chunk")
-    if rc is None:
-        rc = max(_MIN_ROWS, _HIDDEN_TARGET_BYTES // (4 * max(inner, 1)))
-    return max(1, min(int(rc), max(m, 1)))
+    """Token rows per step of a fused MLP: the linear kernel's feed-forward rule (the planner
+    sizes the step with the same function)."""
+    return hidden_rows(m, inner, ctx.params.get("row_chunk"), min_rows=MLP_MIN_ROWS)
 
 
 def _activate(h: np.ndarray, name: str | None) -> None:
