@@ -12,13 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 
-from ..kernels.attention import (
-    attention_scratch_bytes,
-    attention_tiles,
-    default_tiles,
-    kernel_workers,
-    rel_bias_scratch_bytes,
-)
+from ..kernels.attention import attention_scratch_bytes, attention_tiles, rel_bias_scratch_bytes
 from ..kernels.conv import conv2d_plan, conv2d_scratch_bytes
 from ..kernels.linear import (
     MLP_MIN_ROWS,
@@ -138,7 +132,7 @@ def _attention_dims(graph: Graph, op: Op) -> tuple[int, int, int, int]:
 
 def _attention_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
     nq, nk, h, d = _attention_dims(graph, op)
-    qt, kt = default_tiles(nq, nk, d, h, kernel_workers())
+    qt, kt = attention_tiles(nq, nk, d, h)  # the kernel's defaults
     out = [{}]
     for q in _halvings(qt, min(16, qt))[1:]:
         out.append({"q_tile": q, "k_tile": kt})
