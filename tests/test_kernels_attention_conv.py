@@ -26,14 +26,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamexec.kernels import attention as attn_mod
+from streamexec.kernels import blas as blas_mod
 from streamexec.kernels.attention import (
     attention,
     attention_scratch_bytes,
-    blas_single_threaded,
     default_tiles,
-    parallel_items,
 )
+from streamexec.kernels.blas import blas_single_threaded
 from streamexec.kernels.conv import (
     conv2d,
     conv2d_band_input_rows,
@@ -41,6 +40,7 @@ from streamexec.kernels.conv import (
     conv2d_plan,
     conv2d_scratch_bytes,
 )
+from streamexec.kernels.threads import kernel_workers, parallel_items
 
 ATT_TOL = 1e-5
 
@@ -222,7 +222,7 @@ def test_attention_memory_is_per_tile_not_per_score_matrix():
     assert peak < n * n * 4 / 16
     # and the default tiles stay far below one head's score matrix too
     peak_default = _traced_peak(lambda: attention(q, k, v, 0.125, out=out))
-    dq, dk = default_tiles(n, n, d, h, attn_mod.kernel_workers())
+    dq, dk = default_tiles(n, n, d, h, kernel_workers())
     assert peak_default <= attention_scratch_bytes(h, d, dq, dk) + (64 << 10)
     assert peak_default < n * n * 4 / 2
 
@@ -480,7 +480,7 @@ def test_parallel_items_runs_every_item_once_and_propagates_errors():
 
 
 def test_blas_single_threaded_restores_thread_count():
-    ctl = attn_mod._blas_ctl()
+    ctl = blas_mod._blas_ctl()
     if ctl is None:
         pytest.skip("numpy's BLAS is not an OpenBLAS we can control")
     before = ctl.get_threads()

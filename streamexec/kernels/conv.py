@@ -22,7 +22,7 @@ How, and why this way:
   input channels (``kc`` ~ 1152 = 128 channels of a 3x3). For a band and a K chunk the im2col
   chunk is built once; each weight panel's columns of that chunk are decoded and
   ``tile[panel rows, all images' band columns] += panel @ col`` is one cblas_sgemm with beta = 1
-  after the first chunk (``attention.sgemm_into``; numpy matmul + add where BLAS' cblas_sgemm is
+  after the first chunk (``blas.sgemm_into``; numpy matmul + add where BLAS' cblas_sgemm is
   not reachable). At the end bias is added while the tile is copied out per image. Each call is
   then (up to ~640 rows) x (~512 columns) x kc with both operands packed once — measured (2-core
   EPYC, f16 weights, SD 1.5 UNet / VAE shapes, load ~3.5): 2.45-2.73 s for 10 shapes against
@@ -32,7 +32,7 @@ How, and why this way:
 * **Fused upsample.** With ``upsample=True`` the conv runs on the 2x nearest-neighbour upsampled
   input by reading input pixel (y//2, x//2); the 4x larger map never exists.
 * **Parallelism.** Work items are (band, group of output channels); a small pool of worker
-  threads (see ``attention.parallel_items``) takes them dynamically, each with single-threaded
+  threads (see ``threads.parallel_items``) takes them dynamically, each with single-threaded
   BLAS and its own scratch. Channel groups only appear when there are too few bands to keep
   every core busy (8x8 and 16x16 maps); each group then builds the band's im2col itself, which
   costs ~1-3 % of the GEMM at those channel counts.
@@ -51,14 +51,9 @@ import numpy as np
 from numba import njit
 
 from streamexec.kernels import buffers
-from streamexec.kernels.attention import (
-    PARALLEL_MIN_FLOPS,
-    blas_single_threaded,
-    kernel_workers,
-    parallel_items,
-    sgemm_into,
-)
+from streamexec.kernels.blas import blas_single_threaded, sgemm_into
 from streamexec.kernels.decode import DECODE_TAGS, decode_block_to_f32, decode_to_f32
+from streamexec.kernels.threads import PARALLEL_MIN_FLOPS, kernel_workers, parallel_items
 from streamexec.kernels.winograd import wino_buffer, wino_buffer_bytes, wino_input, wino_output, wino_weight
 
 __all__ = [

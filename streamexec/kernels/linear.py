@@ -11,7 +11,7 @@ GEMM by a serial Numba epilogue.
 How the work is spread over cores (all numbers: 2-core EPYC, bf16 weights, ratio of wall time to
 numpy sgemm on a pre-decoded f32 W; ``tools/bench_kernels.py`` and the comments below): the
 output is cut into about two blocks per *worker* (the calling thread plus ``linear_workers() - 1``
-pool threads), handed out dynamically (``attention.parallel_items``), each worker running
+pool threads), handed out dynamically (``threads.parallel_items``), each worker running
 **single-threaded** sgemm on its own decoded panels while OpenBLAS is switched to one thread for
 the call.  Columns are cut for wide W (T5, FLUX: each panel decoded once); rows for tall x (SD:
 M=8192, N=320), after W is decoded once into the workers' scratch when it fits there (every
@@ -43,8 +43,9 @@ from numba import njit
 
 from streamexec.kernels import buffers
 from streamexec.kernels.activations import _act_slice, activation_code
-from streamexec.kernels.attention import blas_pinned, blas_single_threaded, kernel_workers, parallel_items
+from streamexec.kernels.blas import blas_pinned, blas_single_threaded
 from streamexec.kernels.decode import DECODE_TAGS, as_f32, decode_to_f32, readonly_flat
+from streamexec.kernels.threads import kernel_workers, parallel_items
 
 __all__ = [
     "linear",

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 
-from ..kernels.attention import attention_scratch_bytes, default_tiles, kernel_workers
+from ..kernels.attention import attention_scratch_bytes, default_tiles
 from ..kernels.conv import conv2d_plan, conv2d_scratch_bytes
 from ..kernels.linear import default_panel_rows, hidden_scratch_bytes, linear_scratch_bytes, linear_workers
+from ..kernels.threads import kernel_workers
 from ..models.graph import Graph, Op
 from ..weights.dtypes import DTYPES
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import StreamexecError
 from ..kernels.activations import all_finite
-from ..kernels.attention import blas_single_threaded
+from ..kernels.blas import blas_single_threaded
 from ..models.graph import Graph
 from ..weights.store import WeightStore
 from .guard import BudgetGuard, GuardEvent, ParamMenus, malloc_trim, note_peak
