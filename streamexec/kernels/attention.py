@@ -146,10 +146,9 @@ def _finish(acc, ti, out, i0, h, l):
 def default_tiles(nq: int, nk: int, d: int, h: int = 1, workers: int = 1) -> tuple[int, int]:
     """Default (q_tile, k_tile): a ~2 MB score block per worker, 512 keys x 1024 queries.
 
-    Measured on a 2-core EPYC (single-threaded sgemm per worker, D = 40..128): query tiles of
-    1024-2048 with key tiles of 256-512 ran at 140-178 GFLOP/s for SD 1.5 (4096 tokens, D=40),
-    FLUX (1536 tokens, D=128) and T5 (512 tokens, 64 heads); 64-128 query rows lose 10-40 %.
-    A key tile covering a short key sequence (cross-attention, 77 text tokens) skips the
+    Query tiles of 1024-2048 with key tiles of 256-512 run single-threaded sgemm near its peak
+    for SD 1.5, FLUX and T5 attention shapes; short query tiles lose a lot (BENCHMARKS.md,
+    kernels). A key tile covering a short key sequence (cross-attention, 77 text tokens) skips the
     online rescale, and the query tile then grows to amortise per-block overhead — but not so
     far that there are fewer than ~4 (head, query-tile) items per worker to balance.
     """

@@ -394,8 +394,8 @@ def _use_winograd(kh: int, kw: int, stride: int, band_rows: int | None, algo: st
     """Winograd F(2x2, 3x3) for 3x3 stride-1 kernels, unless asked otherwise.
 
     "auto" keeps the direct algorithm for maps of fewer than ``_WINO_MIN_TILES`` 2x2 tiles
-    (all images; SD's 8x8 maps at batch 2: its GEMMs are then too narrow, measured 0.97-1.04x
-    of direct against 0.58-0.68x from 16x16 up) and for an explicit ``band_rows=1`` (the
+    (all images; SD's 8x8 maps at batch 2: its GEMMs are then too narrow to beat direct, see
+    BENCHMARKS.md, kernels) and for an explicit ``band_rows=1`` (the
     planner's smallest-footprint option: one-row bands have the smallest scratch of all)."""
     algo = algo or DEFAULT_ALGO
     if algo not in ALGOS:
