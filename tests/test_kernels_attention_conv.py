@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,12 +92,6 @@ def ref_conv(x, w_t, b, stride, pads, upsample) -> np.ndarray:
     xt = F.pad(xt, (left, right, top, bottom))
     bt = None if b is None else torch.from_numpy(b).double()
     return F.conv2d(xt, w_t.double(), bt, stride=stride).numpy()
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    assert np.isfinite(ours).all()
-    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:

@@ -11,6 +11,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from helpers import rel_err as _rel_err
 
 from streamexec.kernels import activations as act
 from streamexec.kernels import linear as lin
@@ -44,12 +45,6 @@ def _ro(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.flags.writeable = False
     return v
-
-
-def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    """max |got - ref| relative to max |ref|."""
-    ref = np.asarray(ref, dtype=np.float64)
-    return float(np.abs(got.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def _assert_bits_equal_nan_positions(got: np.ndarray, ref: np.ndarray) -> None:
