@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_parity_sd import UNET_CONFIGS, VAE_CONFIGS, randomize, rel_err
+from helpers import UNET_CONFIGS, VAE_CONFIGS, randomize, rel_err
 
 import streamexec
 from streamexec.errors import BudgetError
@@ -229,7 +229,7 @@ def test_subprocess_peak_rss_stays_under_budget(tmp_path: Path) -> None:
 
 def test_flux_and_t5_at_smallest_budget_match(tmp_path: Path) -> None:
     from diffusers import FluxTransformer2DModel
-    from test_parity_flux import FLUX_CONFIGS, flux_inputs, tiny_t5
+    from helpers import FLUX_CONFIGS, flux_inputs, tiny_t5
 
     cfg = FLUX_CONFIGS["schnell-like"]
     model = FluxTransformer2DModel(**cfg).eval()

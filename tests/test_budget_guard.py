@@ -52,13 +52,6 @@ sys.exit(main(sys.argv[5:]))
 TARGET = "decoder.up_blocks.2.resnets.0.conv2"
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("cache")
-    tmp = tmp_path_factory.mktemp("tmp")
-    return dict(os.environ, STREAMEXEC_CACHE=str(cache), TMPDIR=str(tmp))
-
-
 def _hungry_run(env: dict, tmp_path: Path, out: Path, *flags: str, extra_mib: int = 96):
     scratch, log = tmp_path / "scratch", tmp_path / "scratch-files-at-overshoot"
     res = subprocess.run(
@@ -220,7 +213,7 @@ def test_guard_cuts_a_wrong_plan_finer_and_lowers_its_peak(unet_dir: Path, tmp_p
 def test_correct_plan_triggers_no_guard_event(unet_dir: Path, tmp_path: Path) -> None:
     import torch
     from diffusers import AutoencoderKL
-    from test_parity_sd import VAE_CONFIGS, randomize
+    from helpers import VAE_CONFIGS, randomize
 
     free = _run(unet_dir, "none", 0, "on", tmp_path / "u.npy")
     smallest = -(-free["min_budget"] // MiB) * MiB

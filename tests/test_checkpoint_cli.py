@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers import tiny_clip, tiny_unet, tiny_vae
 
 from streamexec.errors import CheckpointError
 from streamexec.weights.checkpoint import open_checkpoint
@@ -19,43 +19,17 @@ from streamexec.weights.checkpoint import open_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-        attention_head_dim=2, norm_num_groups=4,
-    )
-
-
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=4,
-    )
-
-
-def tiny_clip():
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(2)
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16,
-    ))
+#: the tiny SD 1.5-like UNet of these tests
+UNET = dict(layers_per_block=1, block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
+            norm_num_groups=4)
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipe")
-    unet, vae, clip = tiny_unet(), tiny_vae(), tiny_clip()
+    unet, vae = tiny_unet(0, **UNET), tiny_vae((8, 8), 4, 1)
+    clip = tiny_clip(2, vocab_size=50, max_position_embeddings=16)
     unet.save_pretrained(root / "unet", max_shard_size="20KB")  # forces shards + index json
     vae.save_pretrained(root / "vae")
     vae.half().save_pretrained(root / "vae", variant="fp16")
@@ -80,7 +54,7 @@ def test_pipeline_folder(pipeline_dir: Path) -> None:
     assert ckpt.kind == "pipeline"
     assert set(ckpt.components) == {"unet", "vae", "text_encoder"}
     assert len(list((pipeline_dir / "unet").glob("*.safetensors"))) > 1  # really sharded
-    sd = tiny_unet().state_dict()
+    sd = tiny_unet(0, **UNET).state_dict()
     store = ckpt.store("unet")
     assert set(store.keys()) == set(sd)
     for k, v in sd.items():

@@ -23,24 +23,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamexec.kernels import attention as attn_mod
+from streamexec.kernels import blas as blas_mod
 from streamexec.kernels.attention import (
     attention,
     attention_scratch_bytes,
-    blas_single_threaded,
     default_tiles,
-    parallel_items,
 )
+from streamexec.kernels.blas import blas_single_threaded
 from streamexec.kernels.conv import (
     conv2d,
     conv2d_band_input_rows,
+    conv2d_band_slab,
+    conv2d_band_slab_rows,
     conv2d_out_shape,
     conv2d_plan,
     conv2d_scratch_bytes,
 )
+from streamexec.kernels.threads import kernel_workers, parallel_items
 
 ATT_TOL = 1e-5
 
@@ -89,12 +92,6 @@ def ref_conv(x, w_t, b, stride, pads, upsample) -> np.ndarray:
     xt = F.pad(xt, (left, right, top, bottom))
     bt = None if b is None else torch.from_numpy(b).double()
     return F.conv2d(xt, w_t.double(), bt, stride=stride).numpy()
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    assert np.isfinite(ours).all()
-    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -222,7 +219,7 @@ def test_attention_memory_is_per_tile_not_per_score_matrix():
     assert peak < n * n * 4 / 16
     # and the default tiles stay far below one head's score matrix too
     peak_default = _traced_peak(lambda: attention(q, k, v, 0.125, out=out))
-    dq, dk = default_tiles(n, n, d, h, attn_mod.kernel_workers())
+    dq, dk = default_tiles(n, n, d, h, kernel_workers())
     assert peak_default <= attention_scratch_bytes(h, d, dq, dk) + (64 << 10)
     assert peak_default < n * n * 4 / 2
 
@@ -292,11 +289,11 @@ def test_conv2d_matches_torch(case, algo):
 
 def test_conv2d_auto_picks_winograd_for_3x3_stride_1():
     p = conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", pad=(1, 1, 1, 1))
-    assert p["winograd"] == 1
-    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", stride=2)["winograd"] == 0
-    assert conv2d_plan((2, 1280, 8, 8), (1280, 1280, 3, 3), "F16")["winograd"] == 0  # 32 tiles: direct
-    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", band_rows=1)["winograd"] == 0
-    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", algo="direct")["winograd"] == 0
+    assert p.winograd == 1
+    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", stride=2).winograd == 0
+    assert conv2d_plan((2, 1280, 8, 8), (1280, 1280, 3, 3), "F16").winograd == 0  # 32 tiles: direct
+    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", band_rows=1).winograd == 0
+    assert conv2d_plan((2, 320, 64, 64), (320, 320, 3, 3), "F16", algo="direct").winograd == 0
     with pytest.raises(ValueError):
         conv2d_plan((2, 3, 4, 4), (3, 3, 3, 3), "F32", algo="fft")
 
@@ -400,6 +397,27 @@ def test_band_input_rows_are_all_a_band_reads(k, stride, pads, up):
         np.testing.assert_array_equal(part[:, :, r0:r1], full[:, :, r0:r1])
 
 
+@pytest.mark.parametrize("k,pads,up", [(3, (1, 1, 1, 1), False), (3, (1, 1, 1, 1), True), (1, (0, 0, 0, 0), True),
+                                      (3, (0, 1, 0, 1), False), (3, (2, 0, 1, 1), True)])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_band_slab_gives_the_band_of_the_whole_map(k, pads, up, rows):
+    """Convolving the slab conv2d_band_slab names, with its padding, and taking its rows from j0
+    gives each band of the whole map's convolution (float64 torch on the whole input); the slab
+    is never taller than conv2d_band_slab_rows."""
+    rng = np.random.default_rng(15)
+    h = 9
+    x = rand(rng, 1, 2, h, 5)
+    w = rand(rng, 3, 2, k, k)
+    ref = ref_conv(x, torch.from_numpy(w), None, 1, pads, up)
+    hout = ref.shape[2]
+    for r0 in range(0, hout, rows):
+        r1 = min(hout, r0 + rows)
+        s0, s1, slab_pad, j0 = conv2d_band_slab(r0, r1, h, k, pads, upsample=up)
+        assert 0 <= s0 < s1 <= h and s1 - s0 <= conv2d_band_slab_rows(rows, k, upsample=up)
+        y = conv2d(np.ascontiguousarray(x[:, :, s0:s1]), w, "F32", pad=slab_pad, upsample=up, algo="direct")
+        assert rel_err(y[:, :, j0 : j0 + r1 - r0], ref[:, :, r0:r1]) <= 1e-6
+
+
 def test_conv2d_scratch_bounded_by_band_rows_not_height():
     """Traced allocations (out preallocated) do not grow with H and stay within the estimate."""
     rng = np.random.default_rng(14)
@@ -434,13 +452,13 @@ def test_conv2d_never_decodes_the_whole_weight():
 def test_conv2d_plan_defaults():
     # SD 1.5 UNet 1280ch at 8x8: one band, so channel groups keep both workers busy
     p = conv2d_plan((2, 1280, 8, 8), (1280, 1280, 3, 3), "BF16", pad=(1, 1, 1, 1), workers=2)
-    assert p["n_bands"] == 1 and p["groups"] == 2 and p["panel_rows"] >= 64
+    assert p.n_bands == 1 and p.groups == 2 and p.panel_rows >= 64
     # VAE 128ch at 512x512: a direct band is one row of 512 outputs, a Winograd band one row of
     # 256 2x2 tiles; scratch a few MB either way
     p = conv2d_plan((1, 128, 512, 512), (128, 128, 3, 3), "BF16", pad=(1, 1, 1, 1), workers=2, algo="direct")
-    assert p["band_rows"] == 1 and p["groups"] == 1
+    assert p.band_rows == 1 and p.groups == 1
     p = conv2d_plan((1, 128, 512, 512), (128, 128, 3, 3), "BF16", pad=(1, 1, 1, 1), workers=2)
-    assert p["winograd"] == 1 and p["band_rows"] == 2 and p["groups"] == 1
+    assert p.winograd == 1 and p.band_rows == 2 and p.groups == 1
     for algo in ("direct", "winograd"):
         assert conv2d_scratch_bytes((1, 128, 512, 512), (128, 128, 3, 3), "BF16", pad=(1, 1, 1, 1),
                                     algo=algo) < 16 << 20
@@ -480,7 +498,7 @@ def test_parallel_items_runs_every_item_once_and_propagates_errors():
 
 
 def test_blas_single_threaded_restores_thread_count():
-    ctl = attn_mod._blas_ctl()
+    ctl = blas_mod._blas_ctl()
     if ctl is None:
         pytest.skip("numpy's BLAS is not an OpenBLAS we can control")
     before = ctl.get_threads()

@@ -11,6 +11,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from helpers import rel_err as _rel_err
 
 from streamexec.kernels import activations as act
 from streamexec.kernels import linear as lin
@@ -44,12 +45,6 @@ def _ro(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.flags.writeable = False
     return v
-
-
-def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    """max |got - ref| relative to max |ref|."""
-    ref = np.asarray(ref, dtype=np.float64)
-    return float(np.abs(got.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def _assert_bits_equal_nan_positions(got: np.ndarray, ref: np.ndarray) -> None:
@@ -261,9 +256,9 @@ def test_linear_f32_weight_and_row_split(force_parallel):
 
 
 def test_linear_restores_blas_threads(force_parallel):
-    from streamexec.kernels import attention as attn_mod
+    from streamexec.kernels import blas as blas_mod
 
-    ctl = attn_mod._blas_ctl()
+    ctl = blas_mod._blas_ctl()
     if ctl is None:
         pytest.skip("BLAS thread count not controllable here")
     before = ctl.get_threads()
@@ -275,9 +270,9 @@ def test_linear_restores_blas_threads(force_parallel):
 def test_linear_pinned_blas_uses_workers(monkeypatch):
     # Inside blas_single_threaded (what the executor holds for a whole run) BLAS stays on one
     # thread and a mid-size product is split over the kernel workers (not one thread alone).
-    from streamexec.kernels import attention as attn_mod
+    from streamexec.kernels import blas as blas_mod
 
-    if attn_mod._blas_ctl() is None or lin.linear_workers() < 2:
+    if blas_mod._blas_ctl() is None or lin.linear_workers() < 2:
         pytest.skip("needs controllable BLAS threads and >= 2 workers")
     m, k, n = 154, 768, 320  # SD 1.5 cross-attention to_k: 76 MFLOP
     x = RNG.standard_normal((m, k)).astype(np.float32)
@@ -291,11 +286,11 @@ def test_linear_pinned_blas_uses_workers(monkeypatch):
         return orig(self, *a)
 
     monkeypatch.setattr(lin._Job, "run", run)
-    with attn_mod.blas_single_threaded():
-        assert attn_mod.blas_pinned() and attn_mod._blas_ctl().get_threads() == 1
+    with blas_mod.blas_single_threaded():
+        assert blas_mod.blas_pinned() and blas_mod._blas_ctl().get_threads() == 1
         y = lin.linear(x, w, "F16")
-        assert attn_mod._blas_ctl().get_threads() == 1
-    assert not attn_mod.blas_pinned()
+        assert blas_mod._blas_ctl().get_threads() == 1
+    assert not blas_mod.blas_pinned()
     assert len(seen) >= 2  # blocks handed out to the workers, each output element exactly once
     cover = np.zeros((m, n), np.int32)
     for r0, r1, c0, c1 in seen:
@@ -712,7 +707,7 @@ def test_decode_block_matches_full_decode(tag):
 
 
 def test_sgemm_into_accumulates_on_strided_views():
-    from streamexec.kernels.attention import sgemm_into
+    from streamexec.kernels.blas import sgemm_into
 
     a = RNG.standard_normal((40, 90)).astype(np.float32)
     b = RNG.standard_normal((90, 70)).astype(np.float32)

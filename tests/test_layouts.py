@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from hypothesis import strategies as hs
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import flux_converter, tiny_clip, tiny_flux, tiny_t5, tiny_unet, tiny_vae  # noqa: E402
 from layout_keys import bfl_flux_shapes, ldm_unet_shapes, ldm_vae_shapes  # noqa: E402
 
 from streamexec.errors import CheckpointError, LayoutError  # noqa: E402
@@ -120,19 +120,6 @@ def load_into(model: torch.nn.Module, tensors: Mapping[str, np.ndarray], strip: 
     model.load_state_dict(sd, strict=True)
 
 
-def flux_converter(inner_dim: int):
-    """diffusers' BFL->diffusers converter with its hard-coded width (3072, FLUX.1's real
-    ``inner_dim``, used only to split ``linear1``) re-bound to a tiny model's width. The logic
-    is untouched; only that one constant of the code object changes."""
-    f = sfu.convert_flux_transformer_checkpoint_to_diffusers
-    consts = f.__code__.co_consts
-    assert sum(type(c) is int and c == 3072 for c in consts) == 1
-    code = f.__code__.replace(
-        co_consts=tuple(inner_dim if type(c) is int and c == 3072 else c for c in consts)
-    )
-    return types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-
-
 def ref_config(rel: str) -> dict:
     return json.loads((REFERENCE / rel / "config.json").read_text())
 
@@ -165,72 +152,32 @@ UNET_CONFIGS = {
 }
 
 
-def tiny_unet(name: str) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **UNET_CONFIGS[name])
+#: the tiny FLUX transformer of these tests (``guidance_embeds`` varies)
+FLUX_CONFIG = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=3, attention_head_dim=8,
+                   num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
 
 
-def tiny_vae(latent: int, quant: bool, levels: int = 2, layers: int = 1) -> AutoencoderKL:
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 16)[:levels],
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=layers,
-        latent_channels=latent,
-        norm_num_groups=4,
-        use_quant_conv=quant,
-        use_post_quant_conv=quant,
-    )
+def _unet(name: str) -> UNet2DConditionModel:
+    return tiny_unet(0, **UNET_CONFIGS[name])
 
 
-def tiny_flux(guidance: bool) -> FluxTransformer2DModel:
-    torch.manual_seed(2)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=3,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=12,
-        pooled_projection_dim=10,
-        guidance_embeds=guidance,
-        axes_dims_rope=(2, 2, 4),
-    )
+def _vae(latent: int, quant: bool, levels: int = 2, layers: int = 1) -> AutoencoderKL:
+    return tiny_vae((8, 16, 16)[:levels], latent, 1, layers=layers, use_quant_conv=quant, use_post_quant_conv=quant)
+
+
+def _flux(guidance: bool) -> FluxTransformer2DModel:
+    return tiny_flux(2, guidance_embeds=guidance, **FLUX_CONFIG)
 
 
 @pytest.fixture(scope="module")
 def clip() -> CLIPTextModel:
-    torch.manual_seed(3)
-    cfg = CLIPTextConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=12,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(cfg).eval()
+    return tiny_clip(3, vocab_size=64, max_position_embeddings=12, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
 @pytest.fixture(scope="module")
 def t5() -> T5EncoderModel:
-    torch.manual_seed(4)
-    cfg = T5Config(
-        vocab_size=40,
-        d_model=16,
-        d_kv=4,
-        d_ff=24,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-    )
-    return T5EncoderModel(cfg).eval()
+    return tiny_t5("gated-gelu", 4, randomized=False, vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2,
+                   relative_attention_max_distance=128)
 
 
 def clip_internal(model: CLIPTextModel) -> dict[str, torch.Tensor]:
@@ -253,7 +200,7 @@ def clip_strip(model: CLIPTextModel) -> str:
 
 @pytest.mark.parametrize("name", sorted(UNET_CONFIGS))
 def test_ldm_unet_matches_diffusers_converter(name: str) -> None:
-    model = tiny_unet(name)
+    model = _unet(name)
     truth = model.state_dict()
     arrays = random_arrays(ldm_unet_shapes(model.config), "model.diffusion_model.")
     # The generator is right: diffusers' converter turns it into exactly the model's key set.
@@ -323,7 +270,7 @@ VAE_CASES = {
 @pytest.mark.parametrize("case", sorted(VAE_CASES))
 def test_ldm_vae_matches_diffusers_converter(case: str) -> None:
     latent, quant, levels, layers, prefix, layout = VAE_CASES[case]
-    model = tiny_vae(latent, quant, levels, layers)
+    model = _vae(latent, quant, levels, layers)
     truth = model.state_dict()
     arrays = random_arrays(ldm_vae_shapes(model.config), prefix, seed=levels)
     oracle = sfu.convert_ldm_vae_checkpoint(to_torch(arrays), model.config)
@@ -349,7 +296,7 @@ def test_ldm_vae_matches_diffusers_converter(case: str) -> None:
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "comfy-prefixed"])
 @pytest.mark.parametrize("guidance", [False, True], ids=["schnell", "dev"])
 def test_bfl_flux_matches_diffusers_converter(guidance: bool, prefix: str) -> None:
-    model = tiny_flux(guidance)
+    model = _flux(guidance)
     truth = model.state_dict()
     arrays = random_arrays(bfl_flux_shapes(model.config), prefix, seed=5)
     oracle = flux_converter(model.inner_dim)(to_torch(arrays))
@@ -462,7 +409,7 @@ def test_full_t5_checkpoint_decoder_is_ignored(t5: T5EncoderModel) -> None:
 
 
 def test_sd15_single_file_all_components(clip: CLIPTextModel) -> None:
-    unet, vae = tiny_unet("lpb1-2levels"), tiny_vae(4, True)
+    unet, vae = _unet("lpb1-2levels"), _vae(4, True)
     arrays = random_arrays(ldm_unet_shapes(unet.config), "model.diffusion_model.", seed=7)
     arrays |= random_arrays(ldm_vae_shapes(vae.config), "first_stage_model.", seed=8)
     arrays |= {
@@ -496,7 +443,7 @@ def test_sd15_single_file_all_components(clip: CLIPTextModel) -> None:
 def test_comfy_all_in_one_flux_checkpoint(clip: CLIPTextModel, t5: T5EncoderModel) -> None:
     """ComfyUI's bundled FLUX checkpoints: BFL transformer under model.diffusion_model., LDM VAE
     under vae., CLIP-L and T5 under text_encoders.*.transformer."""
-    flux, ae = tiny_flux(True), tiny_vae(16, False)
+    flux, ae = _flux(True), _vae(16, False)
     arrays = random_arrays(bfl_flux_shapes(flux.config), "model.diffusion_model.", seed=12)
     arrays |= random_arrays(ldm_vae_shapes(ae.config), "vae.", seed=13)
     arrays |= {
@@ -672,9 +619,9 @@ def test_map_component_diffusers_folders_are_identity(
     clip: CLIPTextModel, t5: T5EncoderModel
 ) -> None:
     folders = {
-        "unet": tiny_unet("lpb2-3levels-sd15like").state_dict(),
-        "vae": tiny_vae(16, False).state_dict(),
-        "transformer": tiny_flux(True).state_dict(),
+        "unet": _unet("lpb2-3levels-sd15like").state_dict(),
+        "vae": _vae(16, False).state_dict(),
+        "transformer": _flux(True).state_dict(),
         "text_encoder": clip_internal(clip),
         "text_encoder_2": {
             k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"
@@ -708,7 +655,7 @@ def test_map_component_transformers5_clip_names(clip: CLIPTextModel) -> None:
 def test_map_component_old_diffusers_vae_attention_names() -> None:
     """VAE folders saved by old diffusers (SD 1.5 era) name the mid-block attention
     query/key/value/proj_attn; diffusers renames them on load (``_fix_state_dict_keys_on_load``) - the oracle here."""
-    model = tiny_vae(4, True)
+    model = _vae(4, True)
     old = {}
     for k, v in model.state_dict().items():
         for new, was in (
@@ -729,9 +676,9 @@ def test_map_component_old_diffusers_vae_attention_names() -> None:
 
 def test_diffusers_named_single_files_detected() -> None:
     for component, sd in {
-        "unet": tiny_unet("lpb1-2levels").state_dict(),
-        "vae": tiny_vae(4, True).state_dict(),
-        "transformer": tiny_flux(False).state_dict(),
+        "unet": _unet("lpb1-2levels").state_dict(),
+        "vae": _vae(4, True).state_dict(),
+        "transformer": _flux(False).state_dict(),
     }.items():
         res = detect_layout(_sharded(sd), "diffusion_pytorch_model.safetensors")
         assert (res.layout, list(res.components), res.ignored) == ("diffusers", [component], [])
@@ -739,7 +686,7 @@ def test_diffusers_named_single_files_detected() -> None:
 
 
 def test_map_component_converts_bfl_file_in_transformer_folder() -> None:
-    model = tiny_flux(True)
+    model = _flux(True)
     arrays = random_arrays(bfl_flux_shapes(model.config), seed=9)
     files = stored(arrays, "transformer/flux1-dev.safetensors")
     mapped = map_component("transformer", files, "transformer/")
@@ -749,7 +696,7 @@ def test_map_component_converts_bfl_file_in_transformer_folder() -> None:
 
 
 def test_map_component_wrong_component() -> None:
-    files = records(shapes_of(tiny_vae(4, True).state_dict()))
+    files = records(shapes_of(_vae(4, True).state_dict()))
     with pytest.raises(
         LayoutError, match=r"expected unet weights but found vae \(diffusers layout\)"
     ):
@@ -776,7 +723,7 @@ def test_unknown_layout_lists_what_was_recognised() -> None:
 
 def test_partly_known_file_reports_counts_and_examples() -> None:
     """An SDXL-style file: the UNet prefix is known, ``conditioner.*`` is not."""
-    unet = tiny_unet("lpb1-2levels")
+    unet = _unet("lpb1-2levels")
     files = records(ldm_unet_shapes(unet.config), "model.diffusion_model.")
     files |= records({f"conditioner.embedders.0.transformer.x{i}": (2,) for i in range(3)})
     with pytest.raises(LayoutError) as e:
@@ -789,7 +736,7 @@ def test_partly_known_file_reports_counts_and_examples() -> None:
 
 
 def test_unexpected_key_inside_known_layout_is_an_error() -> None:
-    model = tiny_flux(False)
+    model = _flux(False)
     files = records(bfl_flux_shapes(model.config))
     files |= records({"double_blocks.0.img_attn.lora_up.weight": (4, 4)})
     with pytest.raises(LayoutError, match=r"looks like bfl-flux but does not fit.*lora_up"):
@@ -810,7 +757,7 @@ def test_fp8_scaled_files_are_refused_not_misread() -> None:
 
 
 def test_bad_fused_shapes_are_reported() -> None:
-    model = tiny_flux(False)
+    model = _flux(False)
     shapes = bfl_flux_shapes(model.config)
     shapes["double_blocks.0.img_attn.qkv.weight"] = (47, 16)
     with pytest.raises(

@@ -31,7 +31,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_layouts import flux_converter  # noqa: E402  (diffusers' BFL converter at a tiny width)
+from helpers import flux_converter  # noqa: E402  (diffusers' BFL converter at a tiny width)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "make_checkpoint.py"

@@ -27,9 +27,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import FLUX_CONFIGS, flux_converter, flux_inputs, randomize, rel_err, tiny_t5  # noqa: E402
 from layout_keys import bfl_flux_shapes, ldm_vae_shapes  # noqa: E402
-from test_layouts import flux_converter  # noqa: E402  (diffusers' BFL converter at any width)
-from test_parity_sd import randomize, rel_err  # noqa: E402
 
 import streamexec  # noqa: E402
 from streamexec.errors import StreamexecError  # noqa: E402
@@ -38,8 +37,6 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers import AutoencoderKL, FluxTransformer2DModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
-from diffusers.pipelines.flux.pipeline_flux import FluxPipeline  # noqa: E402
-from transformers import T5Config, T5EncoderModel  # noqa: E402
 from transformers.models.t5.modeling_t5 import T5Attention  # noqa: E402
 
 TOL = 1e-4
@@ -57,39 +54,6 @@ def rounded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- FLUX
-
-FLUX_CONFIGS = {
-    # schnell-like: no guidance embedder; 3 heads of 8, axes 2/2/4
-    "schnell-like": dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=3, attention_head_dim=8,
-                         num_attention_heads=3, joint_attention_dim=12, pooled_projection_dim=10,
-                         guidance_embeds=False, axes_dims_rope=(2, 2, 4)),
-    # dev-like: guidance embedder; 2 heads of 16, axes 4/6/6, other depths
-    "dev-like": dict(patch_size=1, in_channels=12, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                     num_attention_heads=2, joint_attention_dim=20, pooled_projection_dim=6,
-                     guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
-}
-
-
-def flux_inputs(cfg: dict, batch: int, h2: int, w2: int, nt: int, seed: int, shifted: bool = False) -> dict:
-    """Inputs as FluxPipeline makes them: packed latents [B, h2*w2, C], T5 states, CLIP pooled
-    vector, t in [0, 1], ``_prepare_latent_image_ids`` and zero text ids. ``shifted``: image ids
-    moved on every axis and random text ids, so all three RoPE axes matter."""
-    g = torch.Generator().manual_seed(seed)
-    img_ids = FluxPipeline._prepare_latent_image_ids(batch, h2, w2, "cpu", torch.float32)
-    txt_ids = torch.zeros(nt, 3)
-    if shifted:
-        img_ids = img_ids + torch.tensor([1.0, 3.0, 5.0])
-        txt_ids = torch.randint(0, 7, (nt, 3), generator=g).float()
-    inputs = dict(
-        hidden_states=torch.randn(batch, h2 * w2, cfg["in_channels"], generator=g),
-        encoder_hidden_states=torch.randn(batch, nt, cfg["joint_attention_dim"], generator=g),
-        pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], generator=g),
-        timestep=torch.rand(batch, generator=g),
-        img_ids=img_ids, txt_ids=txt_ids,
-        guidance=torch.full((batch,), 3.5) if cfg["guidance_embeds"] else None,
-    )
-    return inputs
-
 
 def run_flux(model: torch.nn.Module, path: Path, inputs: dict, ids_3d: bool = False) -> tuple[np.ndarray, torch.Tensor]:
     """(ours, reference); ``ids_3d``: we get the ids as [1, N, 3], as older pipelines passed them."""
@@ -177,14 +141,6 @@ def test_t5_relative_buckets_match_transformers() -> None:
     for buckets, dist in ((32, 128), (8, 16), (16, 64), (64, 256), (6, 7)):
         want = T5Attention._relative_position_bucket(rel, True, buckets, dist).numpy()
         assert np.array_equal(t5_relative_buckets(rel.numpy(), buckets, dist), want), (buckets, dist)
-
-
-def tiny_t5(ff: str, seed: int, **kw) -> T5EncoderModel:
-    cfg = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
-               relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj=ff)
-    model = T5EncoderModel(T5Config(**{**cfg, **kw})).eval()
-    randomize(model, seed)
-    return model
 
 
 @pytest.mark.parametrize("ff", ["gated-gelu", "relu"])

@@ -8,47 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import UNET_CONFIGS, VAE_CONFIGS, randomize, rel_err
 
 import streamexec
 
 TOL = 1e-4
-
-
-def rel_err(ours: np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
-    ref = ref.detach().numpy() if isinstance(ref, torch.Tensor) else ref
-    assert ours.shape == ref.shape
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Default inits leave many zeros (e.g. zero-initialised convs); use a generic random init so
-    every weight matters for the comparison."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
-
-
-UNET_CONFIGS = {
-    "sd15-like": dict(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8,
-    ),
-    "one-layer-linear-proj": dict(
-        sample_size=8, in_channels=3, out_channels=5, layers_per_block=1, block_out_channels=(16, 24),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=(2, 3), norm_num_groups=4, use_linear_projection=True,
-    ),
-}
 
 
 @pytest.mark.parametrize("name", list(UNET_CONFIGS))
@@ -85,14 +51,6 @@ def test_clip_parity(tmp_path: Path) -> None:
     h, pooled = streamexec.load(tmp_path / "te", component="text_encoder")(input_ids=ids.numpy())
     assert rel_err(h, ref.last_hidden_state) <= TOL
     assert rel_err(pooled, ref.pooler_output) <= TOL
-
-
-VAE_CONFIGS = {
-    "sd-4ch-quant": dict(latent_channels=4, block_out_channels=(16, 32), use_quant_conv=True,
-                         use_post_quant_conv=True),
-    "flux-16ch": dict(latent_channels=16, block_out_channels=(16, 32, 32), use_quant_conv=False,
-                      use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
-}
 
 
 @pytest.mark.parametrize("name", list(VAE_CONFIGS))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import clip_tokenizer, flux_folder, randomize, rel_err, tiny_pipeline_clip, tiny_pipeline_vae
 
 from streamexec.configs import REFERENCE_DIR
 from streamexec.errors import StreamexecError
@@ -29,7 +30,6 @@ from streamexec.pipelines.generate import (
     posterior_noise,
     step_noise,
 )
-from streamexec.pipelines.schedulers import FLUX_DEV_SCHEDULER_CONFIG, FLUX_SCHNELL_SCHEDULER_CONFIG
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -53,55 +53,10 @@ SAMPLERS = {
 MEASURED: dict[str, tuple[float, float]] = {}
 
 
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
-    assert ours.shape == ref.shape
-    return float(np.abs(ours.astype(np.float64) - ref).max() / np.abs(ref).max())
-
-
 def pixel_err(ours: np.ndarray, ref01: np.ndarray) -> float:
     """ours uint8 [H, W, 3] vs diffusers' output_type="np" [1, H, W, 3] in [0, 1]."""
     assert ((ours > 0) & (ours < 255)).mean() > 0.7  # not a saturated picture
     return float(np.abs(ours.astype(np.float64) - ref01[0].astype(np.float64) * 255).max())
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Random values everywhere (default inits leave zero convs); norm scales around 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
-
-
-def tiny_clip(seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = json.loads((REFERENCE_DIR / "sd15" / "text_encoder" / "config.json").read_text())
-    cfg.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
-    for k in ("_name_or_path", "architectures", "torch_dtype", "transformers_version"):
-        cfg.pop(k, None)
-    model = CLIPTextModel(CLIPTextConfig(**cfg)).eval()
-    randomize(model, seed)
-    return model
-
-
-def tiny_vae(latent_channels: int, seed: int, **extra):
-    from diffusers import AutoencoderKL
-
-    model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                          norm_num_groups=8, latent_channels=latent_channels, **extra).eval()
-    randomize(model, seed)
-    with torch.no_grad():  # keep most decoded pixels inside [-1, 1], so the image comparison means something
-        model.decoder.conv_out.weight.mul_(0.3)
-        model.decoder.conv_out.bias.mul_(0.1)
-    return model
-
-
-def clip_tokenizer():
-    return transformers.CLIPTokenizer.from_pretrained(REFERENCE_DIR / "sd15" / "tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +70,9 @@ def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8).eval()
     randomize(unet, 0)
     sched = json.loads((REFERENCE_DIR / "sd15" / "scheduler" / "scheduler_config.json").read_text())
-    pipe = StableDiffusionPipeline(vae=tiny_vae(4, 1), text_encoder=tiny_clip(2), tokenizer=clip_tokenizer(),
-                                   unet=unet, scheduler=PNDMScheduler.from_config(sched), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(vae=tiny_pipeline_vae(4, 1), text_encoder=tiny_pipeline_clip(2),
+                                   tokenizer=clip_tokenizer(), unet=unet, scheduler=PNDMScheduler.from_config(sched),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = tmp_path_factory.mktemp("sd") / "tiny-sd15"
     pipe.save_pretrained(folder)
     return folder
@@ -294,49 +249,8 @@ def test_sd15_long_prompt_warns(sd_pipe) -> None:
 
 # ---------------------------------------------------------------------------------------------- FLUX
 
-_T5_CORPUS = [
-    "a photograph of a lighthouse at dusk, oil painting, highly detailed",
-    "the quick brown fox jumps over the lazy dog while the astronaut rides a horse on mars",
-]
 FLUX_SIZE = 16  # pixels (tiny VAE: 2 latent pixels per image pixel, 2x2 packing: 16 tokens)
 MSL = 48
-
-
-def t5_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    spm = Tokenizer(models.Unigram())
-    spm.pre_tokenizer = pre_tokenizers.Metaspace()
-    spm.train_from_iterator(_T5_CORPUS * 4, trainer)
-    vocab = [tuple(piece) for piece in json.loads(spm.to_str())["model"]["vocab"]]
-    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=100)
-
-
-def flux_folder(root: Path, dev: bool) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from diffusers import FluxPipeline as RefFlux
-    from transformers import T5Config, T5EncoderModel
-
-    t5_cfg = json.loads((REFERENCE_DIR / "flux-schnell" / "text_encoder_2" / "config.json").read_text())
-    for k in ("architectures", "torch_dtype"):
-        t5_cfg.pop(k)
-    t5_cfg.update(vocab_size=240, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=2)
-    t5 = T5EncoderModel(T5Config(**t5_cfg)).eval()
-    randomize(t5, 10)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=dev, axes_dims_rope=(2, 2, 4)).eval()
-    randomize(transformer, 11 + dev)
-    sched = FLUX_DEV_SCHEDULER_CONFIG if dev else FLUX_SCHNELL_SCHEDULER_CONFIG
-    pipe = RefFlux(scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched),
-                   vae=tiny_vae(4, 12, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
-                                shift_factor=0.1159),
-                   text_encoder=tiny_clip(13), tokenizer=clip_tokenizer(), text_encoder_2=t5,
-                   tokenizer_2=t5_tokenizer(), transformer=transformer)
-    folder = root / ("tiny-flux-dev" if dev else "tiny-flux-schnell")
-    pipe.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import UNET_CONFIGS, randomize, rel_err
 from PIL import Image
-from test_parity_sd import UNET_CONFIGS, randomize, rel_err
 
 from streamexec.cli import main
 from streamexec.errors import PlanError

@@ -26,7 +26,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from test_pipelines import flux_folder  # noqa: E402 - the tiny FLUX folder builder (needs torch/diffusers)
+from helpers import flux_folder  # noqa: E402 - the tiny FLUX folder builder (needs torch/diffusers)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def streamexec(*args: str, env: dict, timeout: int = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "streamexec", *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("cache")
-    scratch = tmp_path_factory.mktemp("tmp")
-    return dict(os.environ, STREAMEXEC_CACHE=str(cache), TMPDIR=str(scratch))
 
 
 def test_demo_plan_makes_a_png_with_parameters(env: dict, tmp_path: Path) -> None:

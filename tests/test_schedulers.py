@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import rel_err
 
 from streamexec.errors import StreamexecError
 from streamexec.pipelines.schedulers import (
@@ -55,11 +56,6 @@ SHAPE = (1, 4, 8, 8)
 def model(x: np.ndarray, t: float) -> np.ndarray:
     """A deterministic stand-in for the UNet: 0.1 x + sin(t), float32."""
     return (np.float32(0.1) * x + np.float32(np.sin(t))).astype(np.float32)
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
-    scale = max(float(np.max(np.abs(ref))), 1e-30)
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)))) / scale
 
 
 def reference(name: str, config: dict, steps: int, karras: bool | None = None):

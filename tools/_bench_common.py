@@ -58,6 +58,18 @@ def model_inputs(kind: str, size: int, seed: int = 1, latent_channels: int = 4) 
     raise ValueError(f"no inputs for {kind!r} (unet, vae, clip, flux, t5)")
 
 
+#: component -> model_inputs kind (what --size means: image side, tokens, or CLIP's batch)
+KINDS = {"unet": "unet", "transformer": "flux", "text_encoder_2": "t5", "text_encoder": "clip"}
+
+
+def component_inputs(component: str, size: int) -> dict:
+    """:func:`model_inputs` of a checkpoint component (``KINDS``); exits with a readable line
+    for a component that has none."""
+    if component not in KINDS:
+        raise SystemExit(f"no inputs for component {component!r} ({', '.join(KINDS)})")
+    return model_inputs(KINDS[component], size)
+
+
 class ChildFailed(RuntimeError):
     """A measurement subprocess exited non-zero or printed no JSON (``stderr`` holds its tail)."""
 

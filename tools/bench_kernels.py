@@ -97,7 +97,8 @@ def bench_linear(rows: list, quick: bool) -> None:
 
 
 def bench_attention(rows: list, quick: bool) -> None:
-    from streamexec.kernels.attention import attention, attention_scratch_bytes, default_tiles, kernel_workers
+    from streamexec.kernels.attention import attention, attention_scratch_bytes, default_tiles
+    from streamexec.kernels.threads import kernel_workers
 
     rng = np.random.default_rng(1)
     for label, nq, nk, h, d in ATTN_SHAPES[: QUICK["attn"] if quick else None]:

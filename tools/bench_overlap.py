@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _bench_common import MIB, ensure_checkpoint, evict_page_cache, model_inputs, path_bytes, weight_files
+from _bench_common import MIB, component_inputs, ensure_checkpoint, evict_page_cache, path_bytes, weight_files
 
 UNET = Path("/tmp/streamexec-bench-sd15-unet-fp16")
 
@@ -34,16 +34,6 @@ def _io_read_bytes() -> int:
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
     return 0
-
-
-#: component -> model_inputs kind (what --size means: image side, tokens, or CLIP's batch)
-KINDS = {"unet": "unet", "transformer": "flux", "text_encoder_2": "t5", "text_encoder": "clip"}
-
-
-def _inputs(component: str, size: int) -> dict:
-    if component not in KINDS:
-        raise SystemExit(f"no inputs for component {component!r} ({', '.join(KINDS)})")
-    return model_inputs(KINDS[component], size)
 
 
 def main() -> None:
@@ -61,7 +51,7 @@ def main() -> None:
     import streamexec
 
     m = streamexec.load(args.ckpt, component=args.component, memory_budget=args.budget)
-    feeds = _inputs(args.component, args.size)
+    feeds = component_inputs(args.component, args.size)
     m(**feeds)  # plan + warm-up
     nthreads = numba.get_num_threads()
     total = path_bytes(args.ckpt)

@@ -21,19 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from _bench_common import ensure_checkpoint, model_inputs
+from _bench_common import component_inputs, ensure_checkpoint
 
 UNET = Path("/tmp/streamexec-bench-sd15-unet-fp16")
-
-
-#: component -> model_inputs kind (what --size means: image side, tokens, or CLIP's batch)
-KINDS = {"unet": "unet", "transformer": "flux", "text_encoder_2": "t5", "text_encoder": "clip"}
-
-
-def _inputs(component: str, size: int) -> dict:
-    if component not in KINDS:
-        raise SystemExit(f"no inputs for component {component!r} ({', '.join(KINDS)})")
-    return model_inputs(KINDS[component], size)
 
 
 def main() -> None:
@@ -50,7 +40,7 @@ def main() -> None:
     from streamexec.planner.costs import op_cost
 
     m = streamexec.load(args.ckpt, component=args.component, memory_budget=args.budget)
-    feeds = _inputs(args.component, args.size)
+    feeds = component_inputs(args.component, args.size)
     m(**feeds)
     t0 = time.perf_counter()
     m(**feeds)

@@ -3,13 +3,11 @@
 A ``prange`` kernel starts an OpenMP team and ends on a barrier that waits for every team
 thread — even when there is one chunk of work, and even when the other core is busy with our
 own workers' leftovers, the weight prefetch thread or another process. With a static schedule
-the caller cannot take over the missing thread's share: it waits until the OS runs it.
-Measured in the demo UNet (230 ops, 2 cores, load ~3): 30 group norms on 2x64x32x32 maps took
-33 ms in the model (1.1 ms each, all of it in ``GOMP_parallel``'s barrier) against 0.04 ms each
-back to back in isolation. Below ``SERIAL_MAX_ELEMS`` elements :func:`run` launches the same
-compiled kernel with a team of one (``numba.set_num_threads(1)`` for the call: no other thread
-is woken or waited for; ~0.1 ms at most for these sizes). Same code, same results, no extra
-compiled specialisation.
+the caller cannot take over the missing thread's share: it waits until the OS runs it, which
+made small kernels in the model cost many times what they cost in isolation (BENCHMARKS.md,
+kernels). Below ``SERIAL_MAX_ELEMS`` elements :func:`run` launches the same compiled kernel with
+a team of one (``numba.set_num_threads(1)`` for the call: no other thread is woken or waited
+for). Same code, same results, no extra compiled specialisation.
 """
 
 from __future__ import annotations

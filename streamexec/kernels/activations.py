@@ -6,16 +6,11 @@ read-only.  They keep the number of compiled specialisations small by flattening
 making every input view read-only before calling a kernel.
 
 Why custom math instead of ``math.exp``/``math.erf``: without Intel SVML, LLVM turns those into
-one scalar libm call per element, ~10x slower than the GEMM feeding them.  The scalar helpers
+one scalar libm call per element, far slower than the GEMM feeding them.  The scalar helpers
 below are branch-free f32 arithmetic that LLVM vectorises with whatever SIMD the host has (SSE2
 and up; nothing requires AVX):
 
-* ``exp``: Cody-Waite range reduction ``x = n ln2 + r`` (``n ln2`` split into an exactly
-  representable high part and a low part) and the degree-7 Taylor polynomial of ``exp(r)`` on
-  ``|r| <= ln2/2`` (truncation error < 6e-9 relative), scaled by ``2**n`` built from exponent
-  bits.  Measured max error vs float64 ``numpy.exp`` on [-87, 88.7]: 0.93 ulp with FMA
-  contraction, 1.21 ulp without.  Overflow -> inf, results below ~2.4e-38 -> 0 (no subnormals),
-  NaN -> NaN.
+* ``exp``: :func:`streamexec.kernels.scalar.exp_f32` (range, accuracy and special values there).
 * ``erf`` (only inside ``gelu``): the Abramowitz & Stegun 7.1.26 formula, absolute error
   <= 1.5e-7 — the same formula PyTorch's vectorised CPU ``erf`` uses, so ``gelu`` tracks
   ``torch.nn.functional.gelu`` to ~1e-7 absolute.
@@ -27,19 +22,17 @@ and up; nothing requires AVX):
 ``reassoc`` in the pure reductions (row sums/max) so LLVM can vectorise them (a different
 summation order, not lower precision).  Every kernel uses ``error_model="numpy"``: with Python's
 error model each ``/`` carries a ZeroDivisionError check that stops LLVM vectorising the loop.
-Measured on one EPYC core (AVX-512): silu/quick_gelu 2.5 Gelem/s, gelu_tanh 2.2, gelu 1.75,
-softmax rows 1.0 (torch on the same core: 0.16-0.46); the kernels run on all Numba threads.
+The kernels run on all Numba threads (throughput in BENCHMARKS.md, kernels).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from streamexec.kernels._serial import run as _run
 from streamexec.kernels.decode import readonly_flat
+from streamexec.kernels.scalar import exp_f32
 
 __all__ = [
     "ACTIVATIONS",
@@ -68,22 +61,10 @@ ACTIVATIONS: dict[str | None, int] = {
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _HALF = np.float32(0.5)
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)  # 355/512: n * _LN2_HI is exact for |n| < 2**15
-_LN2_LO = np.float32(-2.1219444005469057e-4)  # ln2 - _LN2_HI
-_EXP_HI = np.float32(89.0)  # exp(89) > FLT_MAX: the scaling overflows to inf by itself
-_EXP_LO = np.float32(-87.33654)  # below: result would be subnormal; flushed to 0
-_TWO = np.float32(2.0)
-_C2 = np.float32(1.0 / 2)
-_C3 = np.float32(1.0 / 6)
-_C4 = np.float32(1.0 / 24)
-_C5 = np.float32(1.0 / 120)
-_C6 = np.float32(1.0 / 720)
-_C7 = np.float32(1.0 / 5040)
 _INF = np.float32(np.inf)
 # Element-wise kernels allow FMA contraction ("contract"), nothing else: it only removes
-# intermediate roundings (exp max error 1.2 -> 0.93 ulp) and makes silu 1.8x faster on FMA hosts;
-# hosts without FMA compute the same expressions unfused.
+# intermediate roundings (and is faster on FMA hosts); hosts without FMA compute the same
+# expressions unfused.
 _FM = {"contract"}
 _SQRT1_2 = np.float32(0.7071067811865476)
 _SQRT_2_OVER_PI_X2 = np.float32(2.0 * 0.7978845608028654)  # 2 sqrt(2/pi)
@@ -99,40 +80,6 @@ _AS_A5 = np.float32(1.061405429)
 
 # Element counts below which kernels run single-threaded (a parallel launch costs ~5-20 us).
 _PAR_MIN = 1 << 15
-
-
-@intrinsic
-def _bits_f32(typingctx, x):
-    """Reinterpret an int32 bit pattern as float32 (no conversion)."""
-    if x != types.int32:
-        return None
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def exp_f32(x):
-    """exp for float32 scalars, vectorisable (see module docstring for accuracy)."""
-    # clamp: below -87.34 the result flushes to 0; at 89 the 2**n scaling below overflows to inf
-    xc = min(max(x, _EXP_LO), _EXP_HI)
-    n = np.floor(xc * _LOG2E + _HALF)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
-    p = _C6 + r * _C7
-    p = _C5 + r * p
-    p = _C4 + r * p
-    p = _C3 + r * p
-    p = _C2 + r * p
-    p = _F1 + r * p
-    p = _F1 + r * p
-    # 2**n = 2**(n-1) * 2 with n in [-126, 128]: n-1+127 fits the exponent field (n = -126 gives
-    # the bit pattern 0, i.e. a 0 result: only for x < -86.98, where exp(x) < 2.4e-38)
-    s = _bits_f32(np.int32((np.int32(n) + np.int32(126)) << np.int32(23)))
-    res = (p * s) * _TWO
-    return x if x != x else res
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")

@@ -1,14 +1,13 @@
 """Large float32 buffers (activations, kernel scratch) backed by 2 MiB-aligned anonymous maps
 with transparent huge pages.
 
-A UNet step allocates ~5 GB of arrays of 1-20 MB (op outputs, decoded panels, Winograd and
+A UNet step allocates gigabytes of arrays of 1-20 MB (op outputs, decoded panels, Winograd and
 im2col scratch). Through glibc (``mmap`` threshold fixed at 256 KiB so freed arrays leave RSS at
 once, see ``runtime.process.tune_malloc``) each is a fresh map at a 4 KiB-aligned address:
 numpy's own ``MADV_HUGEPAGE`` then covers only its 2 MiB-aligned interior, and every other page
-is a separate fault (~600k faults, 2.1 s of system time per SD 1.5 UNet step at 512²). Here
-a buffer of >= 2 MiB is its own map whose length is a multiple of 2 MiB (the kernel aligns such
-maps to 2 MiB), and the part the array fully covers is advised as huge pages: 3-10 MB buffers
-then cost 0.4-0.6 ms to allocate and fill instead of 1.3-1.4 ms. The tail past the last whole
+is a separate fault (system time per step in BENCHMARKS.md, kernels). Here a buffer of >= 2 MiB
+is its own map whose length is a multiple of 2 MiB (the kernel aligns such maps to 2 MiB), and
+the part the array fully covers is advised as huge pages. The tail past the last whole
 2 MiB stays in 4 KiB pages, so RSS is what the array touches, as before (no rounding up).
 
 Freed like any array: the map is unmapped when the last view of it goes away.

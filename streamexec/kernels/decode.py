@@ -18,13 +18,13 @@ read-only, so mmapped and in-memory arrays share one compiled specialisation) an
 C-contiguous ``uint32`` view of the f32 output.  Kernels are ``nogil`` so prefetch threads can
 decode while the main thread multiplies.  The F16/FP8 bit manipulation is written as LLVM IR
 with 32-bit integer operations (Numba widens every integer operation to 64 bits, which halves the
-SIMD width): 6.5 Gelem/s per core for F16 instead of 2.7; BF16 runs at ~15 Gelem/s in cache.
+SIMD width).
 
 Import side effect: ``GOMP_SPINCOUNT`` defaults to 10000 (unless already set).  With libgomp's
 default (300000) the OpenMP workers of a Numba ``parallel=True`` kernel keep spinning for several
-ms after it returns, on the cores the next sgemm needs: measured +7-8 ms on every
-layer_norm -> linear transition of SD-sized ops (a 2x slowdown); 10000 keeps back-to-back
-parallel launches as fast as before.  It takes effect only if libgomp is not loaded yet (Numba
+ms after it returns, on the cores the next sgemm needs (every layer_norm -> linear transition
+of SD-sized ops paid for it); 10000 keeps back-to-back parallel launches as fast as before.
+It takes effect only if libgomp is not loaded yet (Numba
 loads it at the first parallel launch), so the CLI should also set it at start-up.
 """
 
@@ -104,7 +104,7 @@ def _e4m3_bits_ir(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
 
 
 # Numba promotes every integer operation to 64 bits, which halves the SIMD width of these
-# decoders; written directly in LLVM IR with i32 operations they vectorise 2.5x better.
+# decoders; written directly in LLVM IR with i32 operations they vectorise at full width.
 
 
 @intrinsic

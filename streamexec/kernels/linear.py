@@ -8,26 +8,23 @@ strided column slice to BLAS as ``ldc = N`` and the transposed panel as a transp
 copies).  Bias, activation and residual/gate are applied to each output tile right after its
 GEMM by a serial Numba epilogue.
 
-How the work is spread over cores (all numbers: 2-core EPYC, bf16 weights, ratio of wall time to
-numpy sgemm on a pre-decoded f32 W; ``tools/bench_kernels.py`` and the comments below): the
-output is cut into about two blocks per *worker* (the calling thread plus ``linear_workers() - 1``
-pool threads), handed out dynamically (``attention.parallel_items``), each worker running
-**single-threaded** sgemm on its own decoded panels while OpenBLAS is switched to one thread for
-the call.  Columns are cut for wide W (T5, FLUX: each panel decoded once); rows for tall x (SD:
-M=8192, N=320), after W is decoded once into the workers' scratch when it fits there (every
-worker decoding all of W for its rows cost 25 % at 8192x320x320).  Compared with "decode a
-panel, then one multi-threaded sgemm" (0.70-0.79 on T5/FLUX shapes: OpenBLAS's spinning worker
-lands on the core that decodes, and each freshly decoded panel must migrate to the other core),
-this reaches 0.93-1.0 on every SD/FLUX/T5 shape; compared with one static block per worker it is
-0.75-1.0x the time alone, and in the model it stops the prefetch thread (mapping the next unit's
-weights) from stalling the other worker at every unit's first op.  Small products
-(< ``_PARALLEL_MIN_FLOP`` with less than ``_PARALLEL_MIN_DECODE`` weights) and numpy builds whose
-BLAS threads we cannot control run in the calling thread with BLAS's own threading instead.
+How the work is spread over cores: the output is cut into about two blocks per *worker* (the
+calling thread plus ``linear_workers() - 1`` pool threads), handed out dynamically
+(``threads.parallel_items``), each worker running **single-threaded** sgemm on its own decoded
+panels while OpenBLAS is switched to one thread for the call.  Columns are cut for wide W (T5,
+FLUX: each panel decoded once); rows for tall x (SD: M=8192, N=320), after W is decoded once into
+the workers' scratch when it fits there (rather than every worker decoding all of W for its
+rows).  Why not "decode a panel, then one multi-threaded sgemm": OpenBLAS's spinning worker lands
+on the core that decodes, and each freshly decoded panel must migrate to the other core.  Why
+dynamic blocks rather than one static block per worker: in the model they stop the prefetch
+thread (mapping the next unit's weights) from stalling the other worker at every unit's first
+op.  Small products (< ``_PARALLEL_MIN_FLOP`` with less than ``_PARALLEL_MIN_DECODE`` weights)
+and numpy builds whose BLAS threads we cannot control run in the calling thread with BLAS's own
+threading instead.  Measurements behind these choices: BENCHMARKS.md, kernels.
 
-Panel layout: the panel is decoded as [P, K] and handed to sgemm transposed.  Decoding it as
-[K, P] ("NN" sgemm) measured 0-4% faster sgemm on big shapes (10% at M=128), less than the extra
-cost of a transposing decode; writing into the strided column slice of y vs a contiguous tile
-made no measurable difference (numpy passes ``ldc`` to BLAS; it never copies).
+Panel layout: the panel is decoded as [P, K] and handed to sgemm transposed; decoding it as
+[K, P] ("NN" sgemm) gains less in sgemm than a transposing decode costs, and numpy hands a
+strided column slice of y to BLAS as ``ldc`` (no copy), so no contiguous tile is needed.
 
 No Numba ``parallel=True`` region runs inside these functions: a worker of a parallel region
 would contend with sgemm.  Everything takes C-contiguous float32 activations; the weight may be a
@@ -43,8 +40,9 @@ from numba import njit
 
 from streamexec.kernels import buffers
 from streamexec.kernels.activations import _act_slice, activation_code
-from streamexec.kernels.attention import blas_pinned, blas_single_threaded, kernel_workers, parallel_items
+from streamexec.kernels.blas import blas_pinned, blas_single_threaded
 from streamexec.kernels.decode import DECODE_TAGS, as_f32, decode_to_f32, readonly_flat
+from streamexec.kernels.threads import kernel_workers, parallel_items
 
 __all__ = [
     "linear",
@@ -63,34 +61,27 @@ __all__ = [
 ]
 
 # Default panel: ~12 MB of f32 per worker, a multiple of 32 rows in [128, 1024].  Each sgemm
-# call re-packs all of x, so narrow panels cost (bf16, 2 workers, ratio to numpy sgemm on a
-# pre-decoded W; FLUX 4608x3072x12288 / 4608x12288x3072 / T5 512x4096x10240):
-#   panel rows   64     128    256    512    1024
-#   flux_up     0.78   0.88   0.93   0.97   0.98
-#   flux_down   0.81   0.89   0.94   0.95   0.97
-#   t5_wi       0.90   0.94   0.96   0.97   0.97
-# -> 1024 rows up to K=3072 (<= 12.6 MB), 256 rows at K=12288, 192 at K=15360.
+# call re-packs all of x, so narrow panels cost time (table in BENCHMARKS.md, kernels):
+# 1024 rows up to K=3072 (<= 12.6 MB), 256 rows at K=12288, 192 at K=15360.
 _PANEL_TARGET_BYTES = 12 << 20
 _PANEL_MIN_ROWS = 128
 _PANEL_MAX_ROWS = 1024
 _PANEL_ALIGN = 32
-# Below this many flops and decoded weight elements the thread hand-off (~20 us, plus 3-25 ms to
-# re-create OpenBLAS's threads at the next multi-threaded BLAS call) is not worth it: one thread +
+# Below this many flops and decoded weight elements the thread hand-off (plus re-creating
+# OpenBLAS's threads at the next multi-threaded BLAS call) is not worth it: one thread +
 # multi-threaded BLAS.
 _PARALLEL_MIN_FLOP = 150e6
 _PARALLEL_MIN_DECODE = 1 << 20
 # While BLAS is pinned to one thread (``blas_pinned()``: the executor does it for a whole run) a
 # product in the calling thread would use one core only, and there is no BLAS pool to re-create:
-# only the hand-off (~30-60 us) is left.  Measured (2-core EPYC, f16 W): UNet cross-attention
-# to_k 154x768x320 took 20.7 ms per call unpinned (the BLAS pool re-created after the previous
-# big linear had parked it), 0.99 ms pinned in one thread.
+# only the hand-off is left.
 _PARALLEL_MIN_FLOP_PINNED = 4e6
 # Columns per block are multiples of this (keeps sgemm tiles whole).
 _COL_ALIGN = 16
 # Work is handed out dynamically in about this many blocks per worker (a worker that loses its
 # core for a while — the prefetch thread mapping the next unit's weights, another process —
-# no longer holds the other back: with one static half each, the first op of every FLUX unit
-# ran 1.4-2x slower in the model than alone), blocks no smaller than these.
+# no longer holds the other back, as it did with one static half each), blocks no smaller than
+# these.
 _ITEMS_PER_WORKER = 2
 _MIN_ROW_BLOCK = 256
 _MIN_COL_BLOCK = 128
@@ -286,9 +277,9 @@ def _split(m: int, n: int, parts: int) -> list[tuple[int, int, int, int]]:
     """Output rectangles (r_lo, r_hi, c_lo, c_hi), one per worker.
 
     Rows are split when x is at least as tall as W is wide and every worker still gets >= 512
-    rows (measured: SD's 8192x320 products run at 0.99 of sgemm split by rows but 0.8 split by
-    columns, whose sgemm calls are then too narrow; each worker then decodes all of W, which costs
-    < 1% at that M).  Otherwise columns are split (T5/FLUX-up shapes: each panel decoded once).
+    rows (SD's 8192x320 products: a column split makes each sgemm call too narrow, while each
+    worker decoding all of W costs little at that M).  Otherwise columns are split (T5/FLUX-up
+    shapes: each panel decoded once).
     Column boundaries are multiples of ``_COL_ALIGN``.
     """
     if parts <= 1:
@@ -345,8 +336,8 @@ def linear(
         ``out`` (or a new [M, N] array).
 
     Threads: with more than one worker, OpenBLAS is set to one thread for the call and its idle
-    worker threads are shut down first (they would otherwise spin for tens of ms on a core one of
-    our workers needs; OpenBLAS re-creates them on its next multi-threaded call, ~50 us).  Do not
+    worker threads are shut down first (they would otherwise spin on a core one of our workers
+    needs; OpenBLAS re-creates them on its next multi-threaded call).  Do not
     run other BLAS work from other threads at the same time.
     """
     _check_w(w, w_dtype)

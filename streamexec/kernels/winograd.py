@@ -1,7 +1,6 @@
 """Winograd F(2x2, 3x3) transforms for the 3x3 stride-1 convolutions (the bulk of SD 1.5's UNet
 and of every VAE): a 2x2 output tile needs 16 multiplies per (input, output) channel pair
-instead of 36, so the GEMM work — 47 % of a UNet step — drops 2.25x; the transforms are linear
-passes over the data.
+instead of 36, so the GEMM work drops 2.25x; the transforms are linear passes over the data.
 
 For a 4x4 input window ``d`` and a 3x3 kernel ``g`` (cross-correlation, like torch):
 
@@ -35,8 +34,8 @@ __all__ = ["wino_buffer", "wino_buffer_bytes", "wino_input", "wino_weight", "win
 
 #: Extra elements between the 16 [rows, cols] slabs of a transform buffer. Each tile or kernel
 #: writes (or reads) one value in every slab; with slabs a multiple of 4 KiB apart all 16 land
-#: in the same L1 set and the transforms ran 10x slower (2.4 ms vs 0.26 ms for a 320x160 weight
-#: panel). One cache line of skew puts them in 16 different sets.
+#: in the same L1 set (the transforms ran several times slower). One cache line of skew puts
+#: them in 16 different sets.
 _SLAB_SKEW = 16
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from math import prod
 
 from ..kernels.attention import attention_scratch_bytes, attention_tiles, rel_bias_scratch_bytes
-from ..kernels.conv import conv2d_plan, conv2d_scratch_bytes
+from ..kernels.conv import conv2d_band_slab_rows, conv2d_plan, conv2d_scratch_bytes
 from ..kernels.linear import (
     MLP_MIN_ROWS,
     default_panel_rows,
@@ -110,7 +110,7 @@ def _conv_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
     meta = w[op.weights["weight"]]
     x = graph.tensors[op.inputs[0]]
     plan = conv2d_plan(x, meta.shape, meta.dtype, **_conv_kw(op))
-    return [{}] + [{"band_rows": b} for b in _halvings(plan["band_rows"], 1)[1:]]
+    return [{}] + [{"band_rows": b} for b in _halvings(plan.band_rows, 1)[1:]]
 
 
 def _conv_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
@@ -270,7 +270,7 @@ def ooc_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
         _, co, _, wo = shape
         k = meta.shape[2]
         up = 2 if op.attrs.get("upsample") else 1
-        slab_rows = -(-(rows + k - 1) // up) + 1
+        slab_rows = conv2d_band_slab_rows(rows, k, upsample=up == 2)
         slab = (b, c, slab_rows, win)
         y_rows = slab_rows * up + k
         total = F32 * b * c * slab_rows * win + F32 * b * co * (y_rows + 2 * rows) * wo

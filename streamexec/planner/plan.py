@@ -75,7 +75,7 @@ class Plan:
 def plan_components(ckpt: Checkpoint, names: list[str], shape: RunShape, budget: int | str | None, baseline: int,
                     steps: int | None = None, vae_mode: str = "decode", variant: str | None = None) -> Plan:
     """Build and fit every named component of ``ckpt`` for a run of ``shape``."""
-    from ..kernels.attention import kernel_workers
+    from ..kernels.threads import kernel_workers
 
     configs = {n: dict(c.config or {}) for n, c in ckpt.components.items()}
     plan = Plan(str(ckpt.root), variant, ckpt.fingerprint(), budget, baseline,

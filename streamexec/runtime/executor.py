@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import StreamexecError
 from ..kernels.activations import all_finite
-from ..kernels.attention import blas_single_threaded
+from ..kernels.blas import blas_single_threaded
 from ..models.graph import Graph
 from ..planner.schedule import Schedule
 from ..weights.store import WeightStore

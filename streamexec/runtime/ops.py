@@ -11,7 +11,7 @@ import numpy as np
 from ..kernels import activations as act
 from ..kernels import buffers
 from ..kernels.attention import attention
-from ..kernels.conv import conv2d
+from ..kernels.conv import conv2d, conv2d_band_slab
 from ..kernels.decode import decode_to_f32
 from ..kernels.embeddings import timestep_embedding
 from ..kernels.linear import geglu, linear
@@ -104,25 +104,19 @@ def _conv2d_banded(ctx: OpContext, op: Op, args: list, shape: tuple[int, ...]):
     residual = args[1] if len(args) > 1 else None
     w, b = ctx.weight(op, "weight"), ctx.weight(op, "bias")
     k = int(w.shape[2])
-    pt, pb, pl, pr = (int(v) for v in op.attrs["pad"])
-    up = 2 if op.attrs.get("upsample") else 1
+    pad = tuple(int(v) for v in op.attrs["pad"])
+    upsample = bool(op.attrs.get("upsample"))
     if op.attrs.get("stride", 1) != 1:
         raise ValueError(f"{op.name}: banded conv2d needs stride 1")
-    h_eff = x.shape[2] * up
     ho = shape[2]
     out = ctx.out if ctx.out is not None else buffers.empty(shape)
     rows = ooc_rows(shape, ctx.params, tuple(x.shape))
     for o0 in range(0, ho, rows):
         o1 = min(ho, o0 + rows)
-        e0, e1 = max(0, o0 - pt), min(h_eff, o1 - 1 - pt + k)
-        s0, s1 = e0 // up, -(-e1 // up)
-        a, bnd = s0 * up, s1 * up
-        top = pt if a == 0 else 0
-        bottom = pb if bnd >= h_eff else 0
+        s0, s1, slab_pad, j0 = conv2d_band_slab(o0, o1, x.shape[2], k, pad, upsample=upsample)
         y = conv2d(rows_of(x, s0, s1), w.array, w.dtype, None if b is None else b.array,
-                   None if b is None else b.dtype, pad=(top, bottom, pl, pr), upsample=up == 2,
+                   None if b is None else b.dtype, pad=slab_pad, upsample=upsample,
                    band_rows=ctx.params.get("band_rows"), panel_rows=ctx.params.get("panel_rows"))
-        j0 = o0 - (a + pt - top)
         if j0 < 0 or j0 + (o1 - o0) > y.shape[2]:
             raise AssertionError(f"{op.name}: band geometry {o0}:{o1} -> {j0} of {y.shape[2]}")
         band = np.ascontiguousarray(y[:, :, j0 : j0 + (o1 - o0)])

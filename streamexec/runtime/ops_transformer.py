@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..kernels import activations as act
+from ..kernels import buffers
 from ..kernels.attention import attention
 from ..kernels.embeddings import apply_rope, rope_freqs
 from ..kernels.linear import MLP_MIN_ROWS, hidden_rows, linear
@@ -123,12 +124,12 @@ def op_mlp(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...
     nb, n = _batch_rows(x)
     dx, dout = x.shape[-1], shape[-1]
     xf = x.reshape(nb, n, dx)
-    out = np.empty((nb, n, dout), np.float32)
+    out = buffers.empty((nb, n, dout))
     rf = None if residual is None else residual.reshape(nb, n, dout)
     step = _rows_per_step(ctx, n, inner)
     pr = ctx.params.get("panel_rows")
-    hid = np.empty(step * inner, np.float32)
-    lin = np.empty(step * inner, np.float32) if mul is not None else None
+    hid = buffers.empty(step * inner)
+    lin = buffers.empty(step * inner) if mul is not None else None
     fused = a not in (None, "relu")
     for i in range(nb):
         g = None if gate is None else gate[i]
@@ -161,11 +162,11 @@ def op_parallel_mlp(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple
     inner = wu.shape[0]
     nb, n, dx = x.shape
     da = attn.shape[-1]
-    out = np.empty(shape, np.float32)
+    out = buffers.empty(shape)
     step = _rows_per_step(ctx, n, inner + da)
     pr = ctx.params.get("panel_rows")
-    hid = np.empty(step * inner, np.float32)
-    cat = np.empty(step * (da + inner), np.float32)
+    hid = buffers.empty(step * inner)
+    cat = buffers.empty(step * (da + inner))
     for i in range(nb):
         for r0 in range(0, n, step):
             r = min(step, n - r0)
@@ -222,7 +223,7 @@ def op_prefix_attention(ctx: OpContext, op: Op, args: list[np.ndarray], shape: t
     b, nq, width = q.shape
     nk = k.shape[1]
     d = width // heads
-    out = np.empty(shape, np.float32)
+    out = buffers.empty(shape)
     for i in range(b):
         L = int(key_len[i])
         if not 0 < L <= nk:
