@@ -25,12 +25,7 @@ from tokenizers.models import BPE
 from streamexec.configs import REFERENCE_DIR
 from streamexec.errors import StreamexecError
 
-__all__ = ["CLIPTokenizer", "PromptTruncatedWarning", "T5Tokenizer", "Tokenized", "clip_tokenizer", "text_vocab_size"]
-
-#: SD 1.5's CLIP BPE files (CLIP ViT-L/14's, which FLUX.1 uses too), for models that ship none.
-SHIPPED_CLIP_TOKENIZER = REFERENCE_DIR / "sd15" / "tokenizer"
-#: CLIP ViT-L/14's vocabulary: a text encoder with another one needs its own tokenizer files.
-CLIP_VOCAB_SIZE = 49408
+__all__ = ["CLIPTokenizer", "PromptTruncatedWarning", "T5Tokenizer", "Tokenized"]
 
 # The pre-tokenizer pattern of CLIP (openai/CLIP simple_tokenizer.py, transformers' CLIPTokenizer).
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -243,6 +238,12 @@ class CLIPTokenizer(_FixedLengthTokenizer):
         out = self._tokenize(prompts, length)
         self._warn(out, length, "CLIP")
         return out.ids
+
+
+#: SD 1.5's CLIP BPE files (CLIP ViT-L/14's, which FLUX.1 uses too), for models that ship none.
+SHIPPED_CLIP_TOKENIZER = REFERENCE_DIR / "sd15" / "tokenizer"
+#: CLIP ViT-L/14's vocabulary: a text encoder with another one needs its own tokenizer files.
+CLIP_VOCAB_SIZE = 49408
 
 
 def clip_tokenizer(root: Path, tokenizer: str | Path | None, vocab_size: int | None, *,
