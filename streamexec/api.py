@@ -15,11 +15,12 @@ import numpy as np
 
 from .errors import StreamexecError
 from .models.graph import Graph
+from .models.registry import is_flux_dev, vae_scaling_factor, vae_shift_factor
 from .planner.fit import BASELINE_SLACK, Fit
 from .planner.menus import ParamMenus
 from .runtime.executor import Executor
 from .runtime.process import measure_baseline
-from .sizes import parse_size
+from .sizes import parse_budget
 from .weights.checkpoint import Checkpoint, Component, open_checkpoint
 from .weights.store import WeightStore
 
@@ -162,11 +163,11 @@ class CLIPText(StreamedModel):
 class VAE(StreamedModel):
     @property
     def scaling_factor(self) -> float:
-        return float(self.config.get("scaling_factor", 0.18215))
+        return vae_scaling_factor(self.config)
 
     @property
     def shift_factor(self) -> float | None:
-        return self.config.get("shift_factor")
+        return vae_shift_factor(self.config)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """``AutoencoderKL.decode(z).sample`` (the caller applies scaling/shift as pipelines do)."""
@@ -242,8 +243,7 @@ class FluxTransformer(StreamedModel):
     def has_guidance(self) -> bool:
         """True for guidance-distilled models (FLUX.1-dev): ``guidance_embeds`` or, in a single
         file without config, a guidance embedder among the weights."""
-        found = self.weight_info("time_text_embed.guidance_embedder.linear_1.weight") is not None
-        return bool(self.config.get("guidance_embeds", found))
+        return is_flux_dev(self.config, self.weight_info)
 
 
 class T5Encoder(StreamedModel):
@@ -283,7 +283,8 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
          strict: bool = False) -> StreamedModel:
     """Open ``path`` (file, component folder or pipeline folder) and return one component, ready
     to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound,
-    the fastest schedule; "min" = the smallest-footprint schedule).
+    the fastest schedule; "min" = the smallest-footprint schedule; "auto" = the cgroup limit or
+    available RAM minus a margin, as ``--memory-budget auto``).
 
     ``baseline``: bytes of the process that are not the model's (default: measured — this
     process's RSS with the kernels loaded). Pass 0 to give the model ``memory_budget`` for its
@@ -291,10 +292,10 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
     ``scratch_dir``: where activations that do not fit are spilled (default: the temp folder).
     ``strict``: if the process goes over a byte budget anyway (a planner mistake), raise
     ``BudgetExceeded`` naming the op instead of adapting the rest of the run (the default)."""
+    budget = parse_budget(memory_budget)
     ckpt = open_checkpoint(path, variant=variant)
     comp = ckpt.component(component)
     cls = MODEL_CLASSES.get(comp.name)
     if cls is None:
         raise StreamexecError(f"component {comp.name!r} cannot be run yet (supported: {', '.join(MODEL_CLASSES)})")
-    budget = memory_budget if memory_budget in (None, "min") else parse_size(memory_budget)
     return cls(ckpt, comp, budget, baseline, scratch_dir, strict=strict)

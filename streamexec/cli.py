@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import PlanError, StreamexecError
-from .sizes import format_size, parse_size
+from .sizes import format_size, parse_budget
 
 EPILOG = "Run 'streamexec COMMAND --help' for the flags of each command."
 
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init-image", help="img2img: starting image")
     r.add_argument("--strength", type=float, default=0.75, help="img2img strength")
     r.add_argument("--tokenizer", help="tokenizer folder for single-file checkpoints")
-    r.add_argument("--memory-budget", default=None, metavar="SIZE", help="peak RSS bound, e.g. 1G or 'auto'")
+    r.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="peak RSS bound, e.g. 1G; 'auto' or 'min' as for plan")
     r.add_argument("--latents-in", help="initial latents (.npy), as diffusers' latents= argument")
     r.add_argument("--latents-out", help="write the final latents (.npy)")
     r.add_argument("--resume", action="store_true", help="continue from --latents-out checkpoints")
@@ -122,25 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def budget_arg(text: str | None) -> int | str | None:
-    """``--memory-budget``: a size, ``auto`` (the cgroup limit or available RAM, minus a margin),
-    ``min`` (the smallest-footprint schedule), or nothing (no bound: the fastest schedule)."""
-    if text is None:
-        return None
-    if text == "auto":
-        from .runtime.process import auto_budget
-
-        return auto_budget()
-    if text == "min":
-        return text  # type: ignore[return-value]
-    return parse_size(text)
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .models.describe import describe_checkpoint
     from .weights.checkpoint import open_checkpoint
-    from .weights.describe import describe_checkpoint
 
-    budget = budget_arg(args.memory_budget)
+    budget = parse_budget(args.memory_budget)
     ckpt = open_checkpoint(args.model, variant=args.variant)
     try:
         for name in args.component or ():
@@ -154,17 +141,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
-    from .models.registry import RUNNABLE, RunShape, default_size
+    from .models.registry import COMPONENTS, RunShape, default_size, is_flux
     from .planner.plan import plan_components, save_plan
     from .runtime.process import measure_baseline
 
-    names = args.component or [n for n in RUNNABLE if n in ckpt.components]
+    names = args.component or [n for n in COMPONENTS if n in ckpt.components]
     if not names:
         raise StreamexecError(f"{ckpt.root}: no component streamexec can run (it has: {', '.join(ckpt.components)})")
     configs = {n: dict(c.config or {}) for n, c in ckpt.components.items()}
     side = default_size(configs)
-    flux = "transformer" in ckpt.components
-    shape = RunShape(args.height or side, args.width or side, max(1, args.batch), cfg=not (flux or args.no_cfg))
+    shape = RunShape(args.height or side, args.width or side, max(1, args.batch),
+                     cfg=not (is_flux(ckpt.components) or args.no_cfg))
     dtypes = {t.dtype for c in ckpt.components.values() for t in c.tensors.values()}
     baseline = measure_baseline(dtypes)
     plan = plan_components(ckpt, names, shape, budget, baseline, steps=args.steps, vae_mode=args.vae_mode,

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PlanError, StreamexecError
-from .sizes import format_size
+from .sizes import format_size, parse_budget
 
 
 def _log(msg: str) -> None:
@@ -78,12 +78,10 @@ def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict, dict | None]:
 
 
 def _budget(args: argparse.Namespace, mem: dict):
-    from .cli import budget_arg
-
     if args.memory_budget is not None:
-        return budget_arg(args.memory_budget)
+        return parse_budget(args.memory_budget)
     if mem.get("budget") is not None:  # templates say it as a size ("1G")
-        return budget_arg(str(mem["budget"]))
+        return parse_budget(str(mem["budget"]))
     return mem.get("budget_bytes")
 
 
@@ -239,7 +237,7 @@ def check_budget_first(pipe, params: dict, budget) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipelines.generate import Pipeline, Request
+    from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
     from .pipelines.progress import Progress
 
@@ -268,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, on_term)
     progress = Progress(budget if isinstance(budget, int) else None, quiet=args.quiet)
-    pipe = Pipeline.open(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir)
+    pipe = open_pipeline(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir)
     try:
         if not args.quiet:
             _log(f"{pipe.kind} pipeline from {model}, budget "

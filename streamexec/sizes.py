@@ -1,4 +1,4 @@
-"""Human byte sizes: ``--memory-budget 1G`` in, ``1.00 GiB`` out."""
+"""Human byte sizes: ``--memory-budget 1G`` in, ``1.00 GiB`` out; the one reader of a memory budget."""
 
 from __future__ import annotations
 
@@ -31,3 +31,17 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+def parse_budget(budget: int | str | None) -> int | str | None:
+    """A memory budget as the CLI, ``streamexec.load``, the pipelines and plan files give it: a size
+    (``512M``, ``1G``, a byte count), ``"auto"`` (the cgroup limit or available RAM, minus a margin:
+    resolved now, to bytes), ``"min"`` (the smallest-footprint schedule: kept as is), or None (no
+    bound: the fastest schedule)."""
+    if budget is None or budget == "min":
+        return budget
+    if budget == "auto":
+        from .memlimit import auto_budget  # reads /proc and the cgroup files: only when asked
+
+        return auto_budget()
+    return parse_size(budget)

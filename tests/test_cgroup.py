@@ -119,7 +119,7 @@ def test_auto_budget_inside_a_cgroup_is_the_limit_minus_the_margin(env: dict, tm
     group = cgroup(limit)
     out = tmp_path / "auto.png"
     try:
-        probe = group.run([sys.executable, "-c", "from streamexec.runtime.process import auto_budget, memory_limit; "
+        probe = group.run([sys.executable, "-c", "from streamexec.memlimit import auto_budget, memory_limit; "
                            "print(*memory_limit(), auto_budget(), sep='|')"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         res = group.run([sys.executable, "-m", "streamexec", "run", "plans/demo.yaml", "--prompt", "x", "--steps", "2",
@@ -151,7 +151,7 @@ def test_auto_budget_inside_a_child_group_sees_the_parents_limit(env: dict) -> N
             child = parent.child()
         except CgroupUnavailable as e:
             pytest.skip(f"no child memory cgroup here: {e}")
-        probe = child.run([sys.executable, "-c", "from streamexec.runtime.process import auto_budget, cgroup_limits, "
+        probe = child.run([sys.executable, "-c", "from streamexec.memlimit import auto_budget, cgroup_limits, "
                            "memory_limit; print(*memory_limit(), auto_budget(), sep='|'); print(cgroup_limits())"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         own = (child.path / ("memory.max" if child.version == 2 else "memory.limit_in_bytes")).read_text().strip()

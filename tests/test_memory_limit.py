@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import streamexec.runtime.process as proc
+import streamexec.memlimit as proc
 
 MIB = 1 << 20
 V1_UNLIMITED = 9223372036854771712

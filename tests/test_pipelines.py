@@ -23,10 +23,10 @@ from streamexec.configs import REFERENCE_DIR
 from streamexec.errors import StreamexecError
 from streamexec.pipelines.generate import (
     FluxPipeline,
-    Pipeline,
     Request,
     SD15Pipeline,
     initial_noise,
+    open_pipeline,
     posterior_noise,
     step_noise,
 )
@@ -87,7 +87,7 @@ def sd_ref(sd_folder: Path):
 
 @pytest.fixture(scope="module")
 def sd_pipe(sd_folder: Path):
-    pipe = Pipeline.open(sd_folder)
+    pipe = open_pipeline(sd_folder)
     yield pipe
     pipe.close()
 
@@ -269,7 +269,7 @@ def test_flux_parity(flux_folders: dict[str, Path], variant: str) -> None:
     req = Request(PROMPT, seed=SEED, steps=steps, height=FLUX_SIZE, width=FLUX_SIZE, max_sequence_length=MSL,
                   latents_in=latents_in, guidance=4.0 if variant == "dev" else None)
     progress: list[tuple[str, int, int]] = []
-    with Pipeline.open(flux_folders[variant]) as pipe:
+    with open_pipeline(flux_folders[variant]) as pipe:
         assert isinstance(pipe, FluxPipeline) and pipe.kind == "flux"
         assert pipe.default_steps() == (28 if variant == "dev" else 4)
         res = pipe(req, progress=lambda *a: progress.append(a))
@@ -294,7 +294,7 @@ def test_flux_seeded_noise_and_resume(flux_folders: dict[str, Path]) -> None:
     """Without latents_in the noise is initial_noise(seed) of [1, C, h, w], packed; resume is exact."""
     from streamexec.pipelines.flux import pack_latents
 
-    with Pipeline.open(flux_folders["schnell"]) as pipe:
+    with open_pipeline(flux_folders["schnell"]) as pipe:
         base = Request(PROMPT, seed=SEED, steps=3, height=FLUX_SIZE, width=FLUX_SIZE, max_sequence_length=MSL)
         saved: dict[int, np.ndarray] = {}
         a = pipe(base, on_step=lambda i, x: saved.__setitem__(i, x.copy()))
@@ -316,20 +316,20 @@ def test_flux_missing_tokenizer_is_one_line_error(flux_folders: dict[str, Path],
     shutil.copytree(flux_folders["schnell"], folder)
     shutil.rmtree(folder / "tokenizer_2")
     with pytest.raises(StreamexecError) as err:
-        Pipeline.open(folder)
+        open_pipeline(folder)
     msg = str(err.value)
     assert "\n" not in msg and "--tokenizer" in msg and "T5" in msg
     # --tokenizer pointing at the T5 files works (CLIP then comes from the model folder)
-    with Pipeline.open(folder, tokenizer=flux_folders["schnell"] / "tokenizer_2") as pipe:
+    with open_pipeline(folder, tokenizer=flux_folders["schnell"] / "tokenizer_2") as pipe:
         assert pipe.t5_tokenizer.eos_id == 1
 
 
 def test_open_errors(sd_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(StreamexecError, match="single component folder"):
-        Pipeline.open(sd_folder / "unet")
+        open_pipeline(sd_folder / "unet")
     with pytest.raises(StreamexecError):
-        Pipeline.open(tmp_path / "nothing-here")
-    p = Pipeline.open(sd_folder, memory_budget="4G")
+        open_pipeline(tmp_path / "nothing-here")
+    p = open_pipeline(sd_folder, memory_budget="4G")
     assert isinstance(p, SD15Pipeline) and p.memory_budget == 4 << 30
     p.close()
     # no tokenizer/ and no scheduler/ (as single files): the shipped SD 1.5 CLIP BPE and scheduler config
@@ -337,7 +337,7 @@ def test_open_errors(sd_folder: Path, tmp_path: Path) -> None:
 
     bare = tmp_path / "bare"
     shutil.copytree(sd_folder, bare, ignore=shutil.ignore_patterns("tokenizer", "scheduler"))
-    with Pipeline.open(bare) as p:
+    with open_pipeline(bare) as p:
         assert p.tokenizer.folder == REFERENCE_DIR / "sd15" / "tokenizer"
         assert p.scheduler_config["_class_name"] == "PNDMScheduler"
 

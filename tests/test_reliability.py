@@ -119,7 +119,7 @@ def test_fuzzed_plans_fail_cleanly(plan_dict: dict, tmp_path_factory, data) -> N
 def test_auto_budget_is_below_what_the_machine_has() -> None:
     import psutil
 
-    from streamexec.runtime.process import auto_budget, memory_limit
+    from streamexec.memlimit import auto_budget, memory_limit
 
     limit, source = memory_limit()
     assert 0 < auto_budget() < limit <= psutil.virtual_memory().total

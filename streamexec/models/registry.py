@@ -1,15 +1,29 @@
-"""Which builder makes the graph of which checkpoint component, and the input shapes a
-text-to-image run gives each of them (image size, batch, text length)."""
+"""Which builder makes the graph of which checkpoint component, the input shapes a text-to-image
+run gives each of them (image size, batch, text length), and the model facts everything above the
+builders asks about: which components there are, FLUX.1-dev or schnell, T5's text length, the VAE's
+scale factor and its latent scaling/shift. The CLI, the planner, the API and the pipelines read
+these here rather than keeping their own copies."""
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 from ..errors import StreamexecError
+from ..weights.layouts import COMPONENTS
 from .graph import Graph, WeightInfo
 
-#: Components a run can execute, in pipeline order.
-RUNNABLE = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae")
+# COMPONENTS, the component names in pipeline order (every one runnable), is defined with the key
+# layouts in weights/layouts.py, because finding a component's files already needs the names.
+
+#: The weight only guidance-distilled FLUX transformers (FLUX.1-dev) have.
+GUIDANCE_EMBEDDER_KEY = "time_text_embed.guidance_embedder.linear_1.weight"
+#: T5 tokens FLUX.1-dev's pipeline gives the text (schnell: 256); also the most FLUX's T5 takes.
+T5_MAX_LEN = 512
+#: diffusers' FluxPipeline.default_sample_size (latent pixels): 1024² images with the 8× VAE.
+FLUX_SAMPLE_SIZE = 128
+#: SD 1.5's latent scaling, diffusers' default when a VAE config does not say (FLUX's says 0.3611).
+SD_VAE_SCALING_FACTOR = 0.18215
 
 
 @dataclass
@@ -20,26 +34,59 @@ class RunShape:
     height: int
     width: int
     batch: int = 1
-    text_len: int | None = None  # CLIP: 77; T5: 256 (schnell) / 512 (dev)
+    text_len: int | None = None  # CLIP: 77; T5: t5_text_len
     cfg: bool = True
 
 
+def is_flux(components: Container[str]) -> bool:
+    """Whether a checkpoint with these component names is a FLUX.1 pipeline (it has a transformer)."""
+    return "transformer" in components
+
+
+def is_flux_dev(config: dict | None, weight_info: WeightInfo | None = None) -> bool:
+    """FLUX.1-dev (guidance-distilled) rather than schnell: the transformer config's
+    ``guidance_embeds``, or — a single file without config — a guidance embedder among its weights
+    (``weight_info`` of the transformer; without it, a config that does not say means schnell)."""
+    if config and "guidance_embeds" in config:
+        return bool(config["guidance_embeds"])
+    return weight_info is not None and weight_info(GUIDANCE_EMBEDDER_KEY) is not None
+
+
+def clip_text_len(text_encoder_config: dict | None) -> int:
+    """CLIP's text length, the one its position embeddings fix (77)."""
+    return int((text_encoder_config or {}).get("max_position_embeddings", 77))
+
+
+def t5_text_len(dev: bool) -> int:
+    """T5 tokens FLUX's pipeline encodes by default (``max_sequence_length``): 512 dev, 256 schnell."""
+    return T5_MAX_LEN if dev else 256
+
+
 def vae_scale(vae_config: dict | None) -> int:
-    """Pixels per latent cell: 2^(len(block_out_channels) - 1), 8 for SD 1.5 and FLUX."""
-    if not vae_config:
-        return 8
-    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    """Image pixels per latent pixel: 2^(len(block_out_channels) - 1), as diffusers computes it (8 for
+    SD 1.5 and FLUX, and when there is no VAE config)."""
+    blocks = (vae_config or {}).get("block_out_channels") or [0] * 4
+    return 2 ** (len(blocks) - 1)
+
+
+def vae_scaling_factor(vae_config: dict | None) -> float:
+    """The latent scaling the pipelines divide by before decoding (``scaling_factor``)."""
+    return float((vae_config or {}).get("scaling_factor", SD_VAE_SCALING_FACTOR))
+
+
+def vae_shift_factor(vae_config: dict | None) -> float | None:
+    """The latent shift FLUX's VAE adds after unscaling (``shift_factor``; None for SD 1.5)."""
+    return (vae_config or {}).get("shift_factor")
 
 
 def default_size(configs: dict[str, dict]) -> int:
-    """The image side a pipeline was trained at: UNet sample_size × VAE scale (512 for SD 1.5),
-    else 1024 (FLUX)."""
-    unet = configs.get("unet")
-    if unet and unet.get("sample_size"):
-        size = unet["sample_size"]
+    """The image side a pipeline was trained at: UNet ``sample_size`` (default 64) × VAE scale (512
+    for SD 1.5); without a UNet, FLUX's 128 × VAE scale (1024)."""
+    if "unet" in configs:
+        size = (configs["unet"] or {}).get("sample_size") or 64
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size) * vae_scale(configs.get("vae"))
-    return 1024
+    return FLUX_SAMPLE_SIZE * vae_scale(configs.get("vae"))
 
 
 def build_component(name: str, config: dict, weight_info: WeightInfo, shape: RunShape,
@@ -53,14 +100,14 @@ def build_component(name: str, config: dict, weight_info: WeightInfo, shape: Run
     if name == "unet":
         from .unet import build_unet
 
-        text_len = shape.text_len or int((configs.get("text_encoder") or {}).get("max_position_embeddings", 77))
+        text_len = shape.text_len or clip_text_len(configs.get("text_encoder"))
         return build_unet(config, weight_info, batch=guided * shape.batch, height=h, width=w, seq_len=text_len,
                           where=where)
     if name == "text_encoder":
         from .clip import build_clip_text
 
         return build_clip_text(config, weight_info, batch=guided * shape.batch,
-                               seq_len=int(config.get("max_position_embeddings", 77)), where=where)
+                               seq_len=clip_text_len(config), where=where)
     if name == "vae":
         from .vae import build_vae_decoder, build_vae_encoder
 
@@ -73,15 +120,13 @@ def build_component(name: str, config: dict, weight_info: WeightInfo, shape: Run
 
         if h % 2 or w % 2:
             raise StreamexecError(f"FLUX needs height and width that are multiples of {2 * scale}")
-        guided = config.get("guidance_embeds", weight_info("time_text_embed.guidance_embedder.linear_1.weight")
-                             is not None)
-        txt = shape.text_len or (512 if guided else 256)
+        txt = shape.text_len or t5_text_len(is_flux_dev(config, weight_info))
         return build_flux_transformer(config, weight_info, batch=shape.batch, img_tokens=(h // 2) * (w // 2),
                                       txt_tokens=txt, where=where)
     if name == "text_encoder_2":
         from .t5 import build_t5_encoder
 
-        txt = shape.text_len or (512 if (configs.get("transformer") or {}).get("guidance_embeds") else 256)
-        # (a lone T5 file: schnell's 256 tokens unless --text-len says otherwise)
+        # the transformer's config decides (a lone T5 file: schnell's 256 unless --text-len says otherwise)
+        txt = shape.text_len or t5_text_len(is_flux_dev(configs.get("transformer")))
         return build_t5_encoder(config, weight_info, batch=shape.batch, seq_len=txt, where=where)
-    raise StreamexecError(f"component {name!r} cannot be planned (runnable: {', '.join(RUNNABLE)})")
+    raise StreamexecError(f"component {name!r} cannot be planned (runnable: {', '.join(COMPONENTS)})")

@@ -1,5 +1,6 @@
 """What the SD 1.5 and FLUX text-to-image pipelines share: the request/result types, the seeded noise,
-opening a model folder, running one stage inside the budget, resumable sampler state.
+the pipeline base (its components opened as streamed models, one stage run inside the budget),
+resumable sampler state. Which subclass a model folder gets is decided in ``generate.py``.
 
 Noise is drawn with numpy from the seed alone, so a run is reproducible bit for bit and a run resumed
 after step ``k`` sees exactly the noise the uninterrupted run would have seen:
@@ -21,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from ..api import MODEL_CLASSES
 from ..errors import StreamexecError
-from ..weights.checkpoint import Checkpoint, open_checkpoint
+from ..models.registry import default_size, vae_scale
+from ..weights.checkpoint import Checkpoint
 
 F32 = np.float32
 
@@ -143,7 +146,8 @@ def restore_sampler_state(sched: Any, state: dict[str, np.ndarray]) -> None:
 
 # -- the pipeline base -----------------------------------------------------------------------------
 class Pipeline:
-    """A text-to-image pipeline over one checkpoint; ``Pipeline.open(path)`` returns the right subclass.
+    """A text-to-image pipeline over one checkpoint; ``generate.open_pipeline(path)`` returns the right
+    subclass.
 
     Components are opened once (headers only). At run time each stage streams its component within
     the memory budget and releases that component's pages when the stage ends; text embeddings
@@ -156,8 +160,6 @@ class Pipeline:
 
     def __init__(self, ckpt: Checkpoint, root: Path, memory_budget: int | str | None,
                  scratch_dir: str | None) -> None:
-        from ..api import MODEL_CLASSES
-
         self.checkpoint = ckpt
         self.root = root
         self.name = root.stem if root.is_file() else root.name
@@ -175,39 +177,17 @@ class Pipeline:
         self._bytes = 0
         self._graph_bytes: dict[int, int] = {}
 
-    @classmethod
-    def open(cls, model: str | Path, *, memory_budget: int | str | None = None, tokenizer: str | Path | None = None,
-             variant: str | None = None, scratch_dir: str | None = None) -> Pipeline:
-        """Open a diffusers pipeline folder (``model_index.json``) or an SD 1.5 single ``.safetensors``
-        file; FLUX when it has a ``transformer``. ``tokenizer``: a folder with the tokenizer files when
-        the model has none (FLUX needs T5's ``tokenizer.json``; SD 1.5 falls back to the shipped CLIP BPE)."""
-        from .flux import FluxPipeline
-        from .sd15 import SD15Pipeline
-
-        root = Path(model)
-        budget = _budget(memory_budget)
-        ckpt = open_checkpoint(root, variant=variant)
-        try:
-            if ckpt.kind == "component":
-                raise StreamexecError(f"{root}: a single component folder; a run needs the whole pipeline folder "
-                                      "(the one with model_index.json)")
-            sub = FluxPipeline if "transformer" in ckpt.components else SD15Pipeline
-            return sub(ckpt, root, budget, scratch_dir, tokenizer)
-        except BaseException:
-            ckpt.close()
-            raise
-
     def default_steps(self) -> int:
         raise NotImplementedError
 
     def native_size(self) -> int:
-        raise NotImplementedError
+        """The image side the model was trained at (``models.registry.default_size``)."""
+        return default_size({name: m.config for name, m in self.models.items()})
 
     @property
     def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel: 2^(VAE blocks - 1), as diffusers computes it (8 for SD/FLUX)."""
-        blocks = self.models["vae"].config.get("block_out_channels") or [0] * 4
-        return 2 ** (len(blocks) - 1)
+        """Image pixels per latent pixel (``models.registry.vae_scale``; 8 for SD/FLUX)."""
+        return vae_scale(self.models["vae"].config)
 
     def resolve(self, req: Request) -> dict[str, Any]:
         """The request checked, with the model's defaults filled in."""
@@ -306,18 +286,6 @@ class Pipeline:
             if on_step is not None:
                 on_step(i, x)
         return x
-
-
-def _budget(memory_budget: int | str | None) -> int | str | None:
-    if memory_budget is None or memory_budget == "min":
-        return memory_budget
-    if memory_budget == "auto":
-        from ..runtime.process import auto_budget
-
-        return auto_budget()
-    from ..sizes import parse_size
-
-    return parse_size(memory_budget)
 
 
 def resolve_size(req: Request, native: int, multiple: int, what: str) -> tuple[int, int]:

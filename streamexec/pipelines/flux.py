@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NotImplementedYet, StreamexecError
+from ..models.registry import T5_MAX_LEN, t5_text_len
 from ..weights.checkpoint import Checkpoint
 from .common import F32, Pipeline, ProgressFn, Request, Result, StepFn, initial_noise, resolve_size, to_uint8
 from .schedulers import (
@@ -24,12 +25,9 @@ from .schedulers import (
     make_scheduler,
     read_scheduler_config,
 )
-from .sd15 import clip_tokenizer, text_vocab_size
-from .tokenizers import T5Tokenizer
+from .tokenizers import T5Tokenizer, clip_tokenizer, text_vocab_size
 
 DEFAULT_GUIDANCE = 3.5
-#: diffusers' FluxPipeline.default_sample_size (latent pixels): 1024² images with the 8× VAE
-DEFAULT_SAMPLE_SIZE = 128
 
 
 def pack_latents(z: np.ndarray) -> np.ndarray:
@@ -77,9 +75,6 @@ class FluxPipeline(Pipeline):
     def default_steps(self) -> int:
         return 28 if self.dev else 4
 
-    def native_size(self) -> int:
-        return DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
-
     def resolve(self, req: Request) -> dict[str, Any]:
         """The request with defaults filled in (what ``Result.parameters`` records)."""
         if req.negative_prompt:
@@ -91,9 +86,9 @@ class FluxPipeline(Pipeline):
             raise NotImplementedYet("img2img (init_image) is implemented for SD 1.5 only, not FLUX yet")
         if req.guidance is not None and not self.dev:
             raise StreamexecError("this FLUX model (schnell) has no guidance embedder: leave guidance unset")
-        msl = req.max_sequence_length or (512 if self.dev else 256)
-        if not 1 < msl <= 512:
-            raise StreamexecError(f"max_sequence_length {msl}: FLUX's T5 takes 2..512 tokens")
+        msl = req.max_sequence_length or t5_text_len(self.dev)
+        if not 1 < msl <= T5_MAX_LEN:
+            raise StreamexecError(f"max_sequence_length {msl}: FLUX's T5 takes 2..{T5_MAX_LEN} tokens")
         p: dict[str, Any] = {
             "prompt": req.prompt, "seed": req.seed,
             "steps": self.default_steps() if req.steps is None else req.steps,

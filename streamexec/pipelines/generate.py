@@ -1,9 +1,9 @@
-"""Text-to-image generation: ``Pipeline.open(model)`` → an SD 1.5 or FLUX.1 pipeline, called with a
+"""Text-to-image generation: ``open_pipeline(model)`` → an SD 1.5 or FLUX.1 pipeline, called with a
 :class:`Request`, returning a :class:`Result`::
 
-    from streamexec.pipelines.generate import Pipeline, Request
+    from streamexec.pipelines.generate import Request, open_pipeline
 
-    with Pipeline.open("sd15/", memory_budget="1G") as pipe:
+    with open_pipeline("sd15/", memory_budget="1G") as pipe:
         res = pipe(Request("a lighthouse at dusk", seed=7), progress=lambda stage, done, total: ...)
     res.image            # uint8 [H, W, 3]
 
@@ -29,6 +29,12 @@ streams through the process, whether the pages came from the page cache or the d
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..errors import StreamexecError
+from ..models.registry import is_flux
+from ..sizes import parse_budget
+from ..weights.checkpoint import open_checkpoint
 from .common import (
     Pipeline,
     ProgressFn,
@@ -51,6 +57,28 @@ __all__ = [
     "SD15Pipeline",
     "StepFn",
     "initial_noise",
+    "open_pipeline",
     "posterior_noise",
     "step_noise",
 ]
+
+
+def open_pipeline(model: str | Path, *, memory_budget: int | str | None = None, tokenizer: str | Path | None = None,
+                  variant: str | None = None, scratch_dir: str | None = None) -> Pipeline:
+    """Open a diffusers pipeline folder (``model_index.json``) or an SD 1.5 single ``.safetensors``
+    file as the pipeline that runs it: FLUX when it has a ``transformer``, else SD 1.5.
+    ``memory_budget`` as ``sizes.parse_budget`` reads it (a size, ``auto``, ``min`` or None).
+    ``tokenizer``: a folder with the tokenizer files when the model has none (FLUX needs T5's
+    ``tokenizer.json``; SD 1.5 falls back to the shipped CLIP BPE)."""
+    root = Path(model)
+    budget = parse_budget(memory_budget)
+    ckpt = open_checkpoint(root, variant=variant)
+    try:
+        if ckpt.kind == "component":
+            raise StreamexecError(f"{root}: a single component folder; a run needs the whole pipeline folder "
+                                  "(the one with model_index.json)")
+        sub = FluxPipeline if is_flux(ckpt.components) else SD15Pipeline
+        return sub(ckpt, root, budget, scratch_dir, tokenizer)
+    except BaseException:
+        ckpt.close()
+        raise

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from ..configs import REFERENCE_DIR
 from ..errors import StreamexecError
 from ..weights.checkpoint import Checkpoint
 from .common import (
@@ -36,39 +35,10 @@ from .common import (
     to_uint8,
 )
 from .schedulers import SD15_SCHEDULER_CONFIG, make_scheduler, read_scheduler_config
-from .tokenizers import CLIPTokenizer
+from .tokenizers import clip_tokenizer, text_vocab_size
 
 DEFAULT_STEPS = 25
 DEFAULT_CFG = 7.5
-SHIPPED_CLIP_TOKENIZER = REFERENCE_DIR / "sd15" / "tokenizer"
-
-
-def clip_tokenizer(root: Path, tokenizer: str | Path | None, vocab_size: int | None, *,
-                   flux: bool = False) -> CLIPTokenizer:
-    """The CLIP tokenizer: from ``tokenizer`` (SD: a tokenizer/ folder or one holding tokenizer/;
-    FLUX: only if it holds CLIP files — it may be T5's folder), the model folder's tokenizer/, else the
-    shipped SD 1.5 BPE files (CLIP ViT-L/14's, which FLUX.1 uses too)."""
-    if tokenizer is not None:
-        t = Path(tokenizer)
-        if not flux:
-            return CLIPTokenizer.from_dir(t)
-        for d in (t / "tokenizer", t):
-            if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-                return CLIPTokenizer.from_dir(d)
-    if root.is_dir() and (root / "tokenizer").is_dir():
-        return CLIPTokenizer.from_dir(root / "tokenizer")
-    if vocab_size not in (None, 49408):
-        raise StreamexecError(f"{root}: no CLIP tokenizer here and the text encoder's vocabulary ({vocab_size}) "
-                              "is not CLIP's 49408: pass --tokenizer DIR (a folder with vocab.json + merges.txt)")
-    return CLIPTokenizer.from_dir(SHIPPED_CLIP_TOKENIZER)
-
-
-def text_vocab_size(model: Any) -> int | None:
-    v = model.config.get("vocab_size")
-    if v is None:
-        info = model.weight_info("text_model.embeddings.token_embedding.weight")
-        v = info[0][0] if info else None
-    return None if v is None else int(v)
 
 
 class SD15Pipeline(Pipeline):
@@ -87,10 +57,6 @@ class SD15Pipeline(Pipeline):
 
     def default_steps(self) -> int:
         return DEFAULT_STEPS
-
-    def native_size(self) -> int:
-        s = self.models["unet"].config.get("sample_size", 64)
-        return int(s[0] if isinstance(s, (list, tuple)) else s) * self.vae_scale_factor
 
     @property
     def size_multiple(self) -> int:

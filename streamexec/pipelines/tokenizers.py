@@ -22,6 +22,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from streamexec.configs import REFERENCE_DIR
 from streamexec.errors import StreamexecError
 
 __all__ = ["CLIPTokenizer", "PromptTruncatedWarning", "T5Tokenizer", "Tokenized"]
@@ -107,11 +108,6 @@ class _FixedLengthTokenizer:
         self._prefix = prefix
         self._suffix = suffix
         self.pad_id = pad_id
-
-    @property
-    def backend(self) -> Tokenizer:
-        """The underlying ``tokenizers.Tokenizer`` (no padding/truncation configured)."""
-        return self._tok
 
     def _prepare(self, text: str) -> str:
         return text
@@ -242,6 +238,43 @@ class CLIPTokenizer(_FixedLengthTokenizer):
         out = self._tokenize(prompts, length)
         self._warn(out, length, "CLIP")
         return out.ids
+
+
+#: SD 1.5's CLIP BPE files (CLIP ViT-L/14's, which FLUX.1 uses too), for models that ship none.
+SHIPPED_CLIP_TOKENIZER = REFERENCE_DIR / "sd15" / "tokenizer"
+#: CLIP ViT-L/14's vocabulary: a text encoder with another one needs its own tokenizer files.
+CLIP_VOCAB_SIZE = 49408
+
+
+def clip_tokenizer(root: Path, tokenizer: str | Path | None, vocab_size: int | None, *,
+                   flux: bool = False) -> CLIPTokenizer:
+    """The CLIP tokenizer of the model at ``root``: from ``tokenizer`` (SD: a tokenizer/ folder or one
+    holding tokenizer/; FLUX: only if it holds CLIP files — it may be T5's folder), the model folder's
+    tokenizer/, else the shipped SD 1.5 BPE files (when the text encoder's ``vocab_size`` is CLIP's)."""
+    if tokenizer is not None:
+        t = Path(tokenizer)
+        if not flux:
+            return CLIPTokenizer.from_dir(t)
+        for d in (t / "tokenizer", t):
+            if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+                return CLIPTokenizer.from_dir(d)
+    if root.is_dir() and (root / "tokenizer").is_dir():
+        return CLIPTokenizer.from_dir(root / "tokenizer")
+    if vocab_size not in (None, CLIP_VOCAB_SIZE):
+        raise StreamexecError(f"{root}: no CLIP tokenizer here and the text encoder's vocabulary ({vocab_size}) "
+                              f"is not CLIP's {CLIP_VOCAB_SIZE}: pass --tokenizer DIR (a folder with vocab.json + "
+                              "merges.txt)")
+    return CLIPTokenizer.from_dir(SHIPPED_CLIP_TOKENIZER)
+
+
+def text_vocab_size(model: Any) -> int | None:
+    """The vocabulary of a CLIP text encoder (a streamed model): its config's ``vocab_size``, else the
+    rows of its token embedding; None when neither says."""
+    v = model.config.get("vocab_size")
+    if v is None:
+        info = model.weight_info("text_model.embeddings.token_embedding.weight")
+        v = info[0][0] if info else None
+    return None if v is None else int(v)
 
 
 def _build_clip(folder: Path, unk: str) -> Tokenizer:

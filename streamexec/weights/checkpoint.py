@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .layouts import detect_layout, map_component
+from .layouts import COMPONENTS, detect_layout, map_component
 from .refs import MappedTensor, StoredTensor
 from .safetensors_file import SafetensorsFile
 from .store import WeightStore
@@ -29,9 +29,6 @@ CLASS_TO_COMPONENT = {
     "CLIPTextModelWithProjection": "text_encoder",
     "T5EncoderModel": "text_encoder_2",
 }
-
-#: Components that hold weights (the others — tokenizers, schedulers — are config only).
-WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
 
 _MAX_JSON_BYTES = 16 * 1024 * 1024
 
@@ -273,7 +270,7 @@ def _open_pipeline(root: Path, variant: str | None) -> Checkpoint:
     files: dict[str, SafetensorsFile] = {}
     comps: dict[str, Component] = {}
     for name, spec in index.items():
-        if name.startswith("_") or name not in WEIGHT_COMPONENTS:
+        if name.startswith("_") or name not in COMPONENTS:  # tokenizers, schedulers: config only
             continue
         if not (isinstance(spec, list) and len(spec) == 2 and spec[0]):
             continue

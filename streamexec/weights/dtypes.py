@@ -20,11 +20,6 @@ class DType:
     storage: np.dtype
     is_float: bool
 
-    @property
-    def decodes_to_f32(self) -> bool:
-        """True when the kernels can turn this dtype into f32 (the model weight dtypes)."""
-        return self.tag in FLOAT_WEIGHT_TAGS
-
 
 def _d(tag: str, storage: str, is_float: bool) -> DType:
     st = np.dtype(storage).newbyteorder("<")
@@ -52,10 +47,6 @@ DTYPES: dict[str, DType] = {
     )
 }
 
-#: dtypes a weight may be stored in (what the decode kernels accept).
-FLOAT_WEIGHT_TAGS = frozenset({"F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-
-
-def dtype_of(tag: str) -> DType:
-    """Look a tag up; raises KeyError for tags we do not know."""
-    return DTYPES[tag]
+#: Bytes of one f32, the dtype all math runs in: activations, decoded panels and kernel scratch are
+#: sized with it.
+F32_BYTES = DTYPES["F32"].itemsize

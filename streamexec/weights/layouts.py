@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from ..errors import LayoutError
 from .refs import MappedTensor, StoredTensor, TensorRef, single
 
-#: Component names a layout can produce (the diffusers pipeline folder names).
-COMPONENTS = ("unet", "vae", "transformer", "text_encoder", "text_encoder_2")
+#: The component names (the diffusers pipeline folder names), in pipeline order: the ones a layout
+#: can produce, a pipeline folder is searched for, and a run can execute (``models.registry`` and
+#: everything above use this tuple).
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae")
 
 
 @dataclass

@@ -1,20 +1,17 @@
-"""What a checkpoint holds, in words: architecture guess per component, sizes by dtype."""
+"""What a checkpoint holds, in words (``streamexec plan --check``): an architecture guess per
+component from its tensor names and shapes, sizes by dtype. Reads the headers an open checkpoint
+already has; never weight data."""
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ..sizes import format_size
-from .checkpoint import Checkpoint, Component
+from .registry import is_flux_dev
 
-#: component name -> the diffusers/transformers class it is run as.
-COMPONENT_CLASS = {
-    "unet": "UNet2DConditionModel",
-    "vae": "AutoencoderKL",
-    "transformer": "FluxTransformer2DModel",
-    "text_encoder": "CLIPTextModel",
-    "text_encoder_2": "T5EncoderModel",
-}
+if TYPE_CHECKING:
+    from ..weights.checkpoint import Checkpoint, Component
 
 
 def _count(comp: Component, pattern: str) -> int:
@@ -47,7 +44,7 @@ def architecture(comp: Component) -> str:
         double = _count(comp, r"transformer_blocks\.(\d+)\.")
         single = _count(comp, r"single_transformer_blocks\.(\d+)\.")
         hidden = _dim(comp, "x_embedder.weight", 0)
-        dev = any(k.startswith("time_text_embed.guidance_embedder") for k in comp.tensors)
+        dev = is_flux_dev(comp.config, lambda k: None if (t := comp.tensors.get(k)) is None else (t.shape, t.dtype))
         kind = "FLUX.1-dev-like (guidance embed)" if dev else "FLUX.1-schnell-like (no guidance embed)"
         return f"{kind}: {double} double + {single} single blocks, width {hidden}"
     if n == "vae":
@@ -61,7 +58,7 @@ def architecture(comp: Component) -> str:
         layers = _count(comp, r"encoder\.block\.(\d+)\.")
         width = _dim(comp, "shared.weight", 1)
         return f"T5 encoder: {layers} layers, width {width}"
-    return COMPONENT_CLASS.get(n, n)
+    return n
 
 
 def describe_checkpoint(ckpt: Checkpoint) -> str:
