@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from _gguf_files import K_QUANTS, QUANTIZABLE, random_blocks, stored, write_gguf
+from _quant_files import BNB_NF4, K_QUANTS, QUANTIZABLE, nf4_reference, random_blocks, stored, write_gguf
 
 from streamexec.kernels.decode import decode_block_to_f32, decode_to_f32
 from streamexec.kernels.dequant import PackedWeight, check_weight
@@ -100,28 +100,6 @@ def test_k_quants_from_random_blocks_helper() -> None:
 
 
 # -- NF4 (bitsandbytes) ----------------------------------------------------------------------------
-# The 16 NF4 levels as bitsandbytes ships them (functional.get_4bit_type("nf4"), the constants in
-# its CUDA dDequantizeNF4): written out here, independently of streamexec's copy.
-BNB_NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-                    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
-
-
-def nf4_reference(codes, absmax, shape, blocksize=64, nested=None) -> np.ndarray:
-    """bitsandbytes dequantize_4bit: the flattened tensor, two codes per byte with the first
-    weight in the high nibble (kDequantizeBlockwise: vals[2j] = q >> 4, vals[2j+1] = q & 15),
-    times the f32 absmax of its block; nested: absmax = code2[a] * absmax2[block // bs2], then
-    += offset (dequantize_blockwise, then the separate add)."""
-    numel = shape[0] * shape[1]
-    idx = np.stack([codes >> 4, codes & 15], axis=-1).reshape(-1)[:numel]
-    if nested is not None:
-        code2, absmax2, bs2, offset = nested
-        am = code2[absmax] * absmax2[np.arange(absmax.size) // bs2]
-        absmax = (am + np.float32(offset)).astype(np.float32)
-    return (BNB_NF4[idx] * np.repeat(absmax, blocksize)[:numel]).reshape(shape)
-
-
 def test_nf4_levels_match_bitsandbytes() -> None:
     np.testing.assert_array_equal(NF4_LEVELS, BNB_NF4)
 

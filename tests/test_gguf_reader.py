@@ -9,7 +9,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from _gguf_files import K_QUANTS, QUANTIZABLE, stored, write_gguf
+from _quant_files import K_QUANTS, QUANTIZABLE, stored, write_gguf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

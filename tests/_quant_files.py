@@ -1,5 +1,6 @@
-"""GGUF test files: written by ``gguf.GGUFWriter`` (GGML's own writer), quantized by
-``gguf.quants`` where it can; the K-quants, which gguf only dequantizes, as random blocks."""
+"""Quantized test weights. GGUF files written by ``gguf.GGUFWriter`` (GGML's own writer),
+quantized by ``gguf.quants`` where it can (the K-quants, which gguf only dequantizes, as random
+blocks); the NF4 reference written from the bitsandbytes format description."""
 
 from __future__ import annotations
 
@@ -54,3 +55,25 @@ def stored(tag: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
     if tag == "F16":
         return x.astype(np.float16)
     return gguf.quants.quantize(x, GT[tag])
+
+
+# The 16 NF4 levels as bitsandbytes ships them (functional.get_4bit_type("nf4"), the constants in
+# its CUDA dDequantizeNF4): written out here, independently of streamexec's copy.
+BNB_NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+
+def nf4_reference(codes, absmax, shape, blocksize=64, nested=None) -> np.ndarray:
+    """bitsandbytes dequantize_4bit: the flattened tensor, two codes per byte with the first
+    weight in the high nibble (kDequantizeBlockwise: vals[2j] = q >> 4, vals[2j+1] = q & 15),
+    times the f32 absmax of its block; nested: absmax = code2[a] * absmax2[block // bs2], then
+    += offset (dequantize_blockwise, then the separate add)."""
+    numel = shape[0] * shape[1]
+    idx = np.stack([codes >> 4, codes & 15], axis=-1).reshape(-1)[:numel]
+    if nested is not None:
+        code2, absmax2, bs2, offset = nested
+        am = code2[absmax] * absmax2[np.arange(absmax.size) // bs2]
+        absmax = (am + np.float32(offset)).astype(np.float32)
+    return (BNB_NF4[idx] * np.repeat(absmax, blocksize)[:numel]).reshape(shape)
