@@ -144,6 +144,51 @@ def bench_linear_quant(rows: list, quick: bool) -> None:
             })
 
 
+def cpu_time(fn, repeat: int = 5) -> float:
+    """Best thread CPU time of ``fn()``: less sensitive than wall time to other processes on a
+    loaded machine (they take cores, not this thread's cycles; caches are still shared)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t0)
+    return best
+
+
+def bench_decode_share(rows: list, quick: bool) -> None:
+    """Single-thread CPU time of decoding one panel of each block type vs the sgemm that uses the
+    panel (x [M, K] @ panel.T, BLAS on one thread) at T5 (M=512) and FLUX (M=4608) heights: the
+    decode's share bounds quantized linear's ratio to sgemm at about 1 / (1 + share) (the ratio
+    column, at M=512)."""
+    from streamexec.kernels.attention import blas_single_threaded
+    from streamexec.kernels.decode import decode_to_f32
+    from streamexec.kernels.linear import default_panel_rows
+
+    rng = np.random.default_rng(5)
+    k = 4096
+    p = default_panel_rows(k, 10240)
+    out = np.empty((p, k), np.float32)
+    with blas_single_threaded():
+        gemm = {}
+        for m in (512, 4608):
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            y = np.empty((m, p), np.float32)
+            gemm[m] = cpu_time(lambda x=x, y=y: np.matmul(x, out.T, out=y), repeat=3)
+        bf16 = rng.integers(0, 65535, (p, k), dtype=np.uint16)
+        cases = [("BF16", bf16)] + [(t, packed_weight(t, p, k, rng)) for t in QUANT_TAGS]
+        t_bf16 = None
+        for tag, w in cases:  # rate: f32 bytes written per CPU second; baseline: BF16's
+            t = cpu_time(lambda w=w, tag=tag: decode_to_f32(w, tag, out, parallel=False))
+            t_bf16 = t_bf16 or t
+            rows.append({
+                "kernel": f"decode {tag}",
+                "shape": f"{p}x{k}: share M512 {t / gemm[512]:.3f} M4608 {t / gemm[4608]:.4f}",
+                "gbps": out.nbytes / t / 1e9, "baseline_gbps": out.nbytes / t_bf16 / 1e9,
+                "ratio": gemm[512] / (gemm[512] + t), "goal": None, "scratch_bytes": out.nbytes,
+            })
+
+
 def bench_attention(rows: list, quick: bool) -> None:
     from streamexec.kernels.attention import attention, attention_scratch_bytes, default_tiles, kernel_workers
 
@@ -247,12 +292,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["linear", "quant", "attention", "conv", "norms"], action="append")
+    ap.add_argument("--only", choices=["linear", "quant", "decode", "attention", "conv", "norms"], action="append")
     ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up timing")
     args = ap.parse_args()
     rows: list[dict] = []
     sel = args.only or ["linear", "quant", "attention", "conv", "norms"]
-    for name, fn in (("linear", bench_linear), ("quant", bench_linear_quant), ("attention", bench_attention),
+    for name, fn in (("linear", bench_linear), ("quant", bench_linear_quant), ("decode", bench_decode_share),
+                     ("attention", bench_attention),
                      ("conv", bench_conv), ("norms", bench_norms)):
         if name in sel:
             fn(rows, args.quick)
