@@ -40,6 +40,7 @@ def test_every_type_and_value_round_trips(tmp_path: Path) -> None:
     ref = gguf.GGUFReader(str(path))
     with GGUFFile(path) as f:
         assert f.version == 3 and f.alignment == 32 and f.architecture == "flux"
+        assert f.header_bytes == path.read_bytes()[: f.data_offset]
         for k, (v, t) in kv.items():
             got = f.metadata[k]
             assert f.kv_types[k] == t

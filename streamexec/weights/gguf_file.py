@@ -293,7 +293,6 @@ class GGUFFile(MappedFile):
         except BaseException:
             mm.close()
             raise
-        self.header_bytes_len = self.data_offset
         self.tensors: dict[str, GGUFTensorInfo] = {
             name: GGUFTensorInfo(name, q, shape, *spans[name]) for name, q, shape, _ in entries
         }
@@ -312,6 +311,13 @@ class GGUFFile(MappedFile):
             return self.tensors[key]
         except KeyError:
             raise CheckpointError(self.path, f"no tensor named {key!r}") from None
+
+    @property
+    def header_bytes(self) -> bytes:
+        """The header (everything before the data section), e.g. to hash it into a plan."""
+        if self._base is None:
+            raise CheckpointError(self.path, "file is closed")
+        return self._base[: self.data_offset].tobytes()
 
     @property
     def architecture(self) -> str | None:
