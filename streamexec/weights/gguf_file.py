@@ -44,6 +44,10 @@ MAX_ARRAY_DEPTH = 4
 #: Total strings + array elements parsed from the KV section (bounds the time a header costs).
 MAX_HEADER_ITEMS = 1 << 25
 MAX_DIMS = 4  # GGML_MAX_DIMS
+#: Largest dimension and element count (of the non-zero dims) we accept: far above any model,
+#: low enough that no shape, byte count or decoded f32 size can overflow numpy's int64.
+MAX_DIM = 1 << 40
+MAX_NUMEL = 1 << 56
 MAX_ALIGNMENT = 1 << 20
 
 # GGUF metadata value types: number -> (name, struct format or None for string/array)
@@ -211,6 +215,11 @@ def parse_header(buf: memoryview, size: int) -> tuple[int, dict, dict, list[Entr
         if n_dims > MAX_DIMS:
             raise ValueError(f"tensor {name!r}: rank {n_dims}, GGUF allows at most {MAX_DIMS}")
         ne = [r.unpack("Q", f"tensor {name!r}: dims") for _ in range(n_dims)]
+        numel = 1
+        for d in ne:
+            numel *= max(d, 1)
+        if any(d > MAX_DIM for d in ne) or numel > MAX_NUMEL:
+            raise ValueError(f"tensor {name!r}: dims {ne} are implausibly large")
         gtype = r.unpack("I", f"tensor {name!r}: type")
         offset = r.unpack("Q", f"tensor {name!r}: offset")
         q = GGUF_TYPES.get(gtype)
