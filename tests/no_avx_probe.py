@@ -51,8 +51,35 @@ def compute() -> dict[str, np.ndarray]:
     out["gelu_tanh"] = act.gelu_tanh(x)
     out["quick_gelu"] = act.quick_gelu(x)
     out["softmax"] = act.softmax(x)
+    out.update(_dequant(rng))
     out["timestep"] = np.asarray(timestep_embedding(np.array([1.0, 500.0], np.float32), 32, flip_sin_to_cos=True,
                                                     downscale_freq_shift=0), np.float32)
+    return out
+
+
+def _dequant(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Every block-weight decoder (GGUF types on random bytes with finite f16 scales, NF4,
+    scaled fp8) and one quantized linear."""
+    from streamexec.kernels.dequant import PackedWeight
+    from streamexec.kernels.linear import linear
+    from streamexec.weights.qtypes import NF4_LEVELS, QTYPES
+
+    out: dict[str, np.ndarray] = {}
+    scales = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82],
+              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+    for tag, offs in scales.items():
+        q = QTYPES[tag]
+        b = rng.integers(0, 256, (6, q.block_bytes), dtype=np.uint8)
+        for o in offs:
+            b[:, o : o + 2] = rng.standard_normal(6).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        out[f"dequant_{tag}"] = PackedWeight.gguf(b.reshape(3, -1), tag).decode()
+    codes = rng.integers(0, 256, 3 * 96, dtype=np.uint8)
+    nf4 = PackedWeight.nf4(codes, rng.random(9).astype(np.float32), NF4_LEVELS, (3, 192))
+    out["dequant_NF4"] = nf4.decode()
+    fp8 = np.arange(256, dtype=np.uint8).reshape(4, 64)
+    out["dequant_fp8_scaled"] = PackedWeight.scaled_fp8(fp8, np.float32(0.3)).decode()
+    x = rng.standard_normal((5, 192)).astype(np.float32)
+    out["linear_nf4"] = linear(x, nf4, "NF4")
     return out
 
 

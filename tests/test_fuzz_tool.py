@@ -23,7 +23,7 @@ def test_fuzz_tool_quick_run_reports_cases_and_no_crash(tmp_path: Path) -> None:
                          env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads(res.stdout)
-    assert set(summary) == {"safetensors", "plan"}
+    assert set(summary) == {"safetensors", "gguf", "plan"}
     for target, r in summary.items():
         assert r["cases"] == 50, (target, r["cases"])
         assert r["chunks"] == 2

@@ -9,6 +9,7 @@ of BLAS rate for its GEMM FLOPs, conv3x3 >= 0.7 of the im2col GEMM, norms vs mem
     python tools/bench_kernels.py            # table
     python tools/bench_kernels.py --json     # machine-readable
     python tools/bench_kernels.py --quick    # smaller shapes, for a smoke run
+    python tools/bench_kernels.py --only quant --no-startup   # quantized linear only (issue #17)
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ CONV_SHAPES = [  # (label, N, Cin, Cout, H, W)
     ("VAE 512ch 64x64", 1, 512, 512, 64, 64),
     ("VAE 128ch 512x512", 1, 128, 128, 512, 512),
 ]
-QUICK = {"linear": 3, "attn": 2, "conv": 2}
+QUICK = {"linear": 3, "attn": 2, "conv": 2, "quant": 1}
+QUANT_TAGS = ("Q8_0", "Q4_0", "Q4_K", "Q6_K", "NF4")
+QUANT_SHAPES = [LINEAR_SHAPES[3], LINEAR_SHAPES[6], LINEAR_SHAPES[7]]  # FLUX qkv, T5 wi, T5 wo
 
 
 def bench_linear(rows: list, quick: bool) -> None:
@@ -93,6 +96,96 @@ def bench_linear(rows: list, quick: bool) -> None:
                 "kernel": f"linear {tag}", "shape": f"{label}: M{m} K{k} N{n}",
                 "gflops": flops / t / 1e9, "baseline_gflops": flops / t_blas / 1e9, "ratio": t_blas / t,
                 "goal": 0.85, "scratch_bytes": linear_scratch_bytes(k, default_panel_rows(k, n)),
+            })
+
+
+def packed_weight(tag: str, n: int, k: int, rng: np.random.Generator):
+    """A random [n, k] block weight (random codes, finite modest scales): decode speed does not
+    depend on the values, so no quantizer is needed."""
+    from streamexec.kernels.dequant import PackedWeight
+    from streamexec.weights.qtypes import NF4_LEVELS, QTYPES
+
+    if tag == "NF4":
+        codes = rng.integers(0, 256, n * k // 2, dtype=np.uint8)
+        absmax = rng.uniform(0.01, 0.1, n * k // 64).astype(np.float32)
+        return PackedWeight.nf4(codes, absmax, NF4_LEVELS, (n, k))
+    q = QTYPES[tag]
+    nb = n * k // q.block
+    b = rng.integers(0, 256, (nb, q.block_bytes), dtype=np.uint8)
+    scales = {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[tag]
+    for off in scales:
+        b[:, off : off + 2] = (rng.standard_normal(nb) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return PackedWeight.gguf(b.reshape(n, -1), tag)
+
+
+def bench_linear_quant(rows: list, quick: bool) -> None:
+    """Quantized linear (panel dequantize + sgemm) vs numpy sgemm on the already-decoded weight."""
+    from streamexec.kernels.linear import default_panel_rows, linear, linear_scratch_bytes
+    from streamexec.weights.qtypes import panel_bytes
+
+    rng = np.random.default_rng(4)
+    for label, m, k, n in QUANT_SHAPES[: QUICK["quant"] if quick else None]:
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        out = np.empty((m, n), np.float32)
+        flops = 2 * m * n * k
+        panel = default_panel_rows(k, n)
+        for tag in QUANT_TAGS:
+            w = packed_weight(tag, n, k, rng)
+            w32 = w.decode()  # the baseline's weight: the same values, decoded once up front
+            t_blas = best_time(lambda x=x, w32=w32, out=out: np.matmul(x, w32.T, out=out))
+            del w32
+            t = best_time(lambda w=w, tag=tag, x=x, out=out: linear(x, w, tag, out=out))
+            stored, _ = panel_bytes(tag, panel, k)
+            rows.append({
+                "kernel": f"linear {tag}", "shape": f"{label}: M{m} K{k} N{n}",
+                "gflops": flops / t / 1e9, "baseline_gflops": flops / t_blas / 1e9, "ratio": t_blas / t,
+                "goal": 0.85, "scratch_bytes": linear_scratch_bytes(k, panel),
+                "stored_panel_bytes": stored,
+            })
+
+
+def cpu_time(fn, repeat: int = 5) -> float:
+    """Best thread CPU time of ``fn()``: less sensitive than wall time to other processes on a
+    loaded machine (they take cores, not this thread's cycles; caches are still shared)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t0)
+    return best
+
+
+def bench_decode_share(rows: list, quick: bool) -> None:
+    """Single-thread CPU time of decoding one panel of each block type vs the sgemm that uses the
+    panel (x [M, K] @ panel.T, BLAS on one thread) at T5 (M=512) and FLUX (M=4608) heights: the
+    decode's share bounds quantized linear's ratio to sgemm at about 1 / (1 + share) (the ratio
+    column, at M=512)."""
+    from streamexec.kernels.blas import blas_single_threaded
+    from streamexec.kernels.decode import decode_to_f32
+    from streamexec.kernels.linear import default_panel_rows
+
+    rng = np.random.default_rng(5)
+    k = 4096
+    p = default_panel_rows(k, 10240)
+    out = np.empty((p, k), np.float32)
+    with blas_single_threaded():
+        gemm = {}
+        for m in (512, 4608):
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            y = np.empty((m, p), np.float32)
+            gemm[m] = cpu_time(lambda x=x, y=y: np.matmul(x, out.T, out=y), repeat=3)
+        bf16 = rng.integers(0, 65535, (p, k), dtype=np.uint16)
+        cases = [("BF16", bf16)] + [(t, packed_weight(t, p, k, rng)) for t in QUANT_TAGS]
+        t_bf16 = None
+        for tag, w in cases:  # rate: f32 bytes written per CPU second; baseline: BF16's
+            t = cpu_time(lambda w=w, tag=tag: decode_to_f32(w, tag, out, parallel=False))
+            t_bf16 = t_bf16 or t
+            rows.append({
+                "kernel": f"decode {tag}",
+                "shape": f"{p}x{k}: share M512 {t / gemm[512]:.3f} M4608 {t / gemm[4608]:.4f}",
+                "gbps": out.nbytes / t / 1e9, "baseline_gbps": out.nbytes / t_bf16 / 1e9,
+                "ratio": gemm[512] / (gemm[512] + t), "goal": None, "scratch_bytes": out.nbytes,
             })
 
 
@@ -200,15 +293,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["linear", "attention", "conv", "norms"], action="append")
+    ap.add_argument("--only", choices=["linear", "quant", "decode", "attention", "conv", "norms"], action="append")
+    ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up timing")
     args = ap.parse_args()
     rows: list[dict] = []
-    sel = args.only or ["linear", "attention", "conv", "norms"]
-    for name, fn in (("linear", bench_linear), ("attention", bench_attention), ("conv", bench_conv),
-                     ("norms", bench_norms)):
+    sel = args.only or ["linear", "quant", "attention", "conv", "norms"]
+    for name, fn in (("linear", bench_linear), ("quant", bench_linear_quant), ("decode", bench_decode_share),
+                     ("attention", bench_attention),
+                     ("conv", bench_conv), ("norms", bench_norms)):
         if name in sel:
             fn(rows, args.quick)
-    start = cold_warm_start()
+    start = {} if args.no_startup else cold_warm_start()
     if args.json:
         print(json.dumps({"rows": rows, "startup_seconds": start}, indent=2))
         return

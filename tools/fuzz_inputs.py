@@ -21,6 +21,9 @@ Targets:
   safetensors  random headers (tests' ``headers`` strategy), 1-8 byte mutations and truncations of a
                valid multi-dtype file, spliced header/data lengths; opened with SafetensorsFile (every
                view read to the end, madvise paths run) and with open_checkpoint (layout detection)
+  gguf         1-8 byte mutations (mostly in the header) and truncations of a valid GGUF file holding
+               every block type, and its u32/u64 header fields set to extreme values; opened with
+               GGUFFile (every view read, madvise paths run) and every 2-D block tensor dequantized
   plan         1-3 junk values set anywhere in a valid plan (tests' ``JUNK``/``plan_paths``), and
                byte/line mutations of its YAML text; read_plan_dict, graph_from_dict for every
                component, check_checkpoint against the model the plan was made for
@@ -48,7 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-TARGETS = ("safetensors", "plan")
+TARGETS = ("safetensors", "gguf", "plan")
 FLUSH_EVERY = 1.0  # seconds between a worker's stats snapshots
 
 
@@ -220,6 +223,62 @@ class Worker:
                 body = body[: len(body) + extra] if extra < 0 else body + bytes(extra)
                 blob = struct.pack("<Q", n2 % 2**64) + header + body
             self.one(blob, mode, check)
+
+        run()
+
+    # -- gguf -----------------------------------------------------------------------------
+    def gguf(self, seed: int) -> None:
+        import numpy as np
+        from _quant_files import K_QUANTS, QUANTIZABLE, stored, write_gguf
+        from hypothesis import HealthCheck, Phase, given, settings
+        from hypothesis import seed as hseed
+        from hypothesis import strategies as st
+
+        from streamexec.kernels.dequant import BLOCK_TAGS, PackedWeight
+        from streamexec.weights.gguf_file import GGUFFile
+
+        tmp = Path(tempfile.mkdtemp(prefix="fuzz-base-"))
+        try:
+            rng = np.random.default_rng(0)
+            tensors = {f"t.{t}": (stored(t, (2, 256), rng), t) for t in ["F32", "F16", *QUANTIZABLE, *K_QUANTS]}
+            write_gguf(tmp / "base.gguf", tensors, arch="flux")
+            base = (tmp / "base.gguf").read_bytes()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        header_end = base.index(b"t.Q6_K") + 48
+
+        def check(path: Path) -> None:
+            with GGUFFile(path) as f:
+                for k in f.keys():
+                    t = f.info(k)
+                    v = f.view(k)
+                    assert v.nbytes == t.nbytes and f.data_offset <= t.begin <= t.end <= f.size, k
+                    np.ascontiguousarray(v).reshape(-1).view(np.uint8).sum()  # touch every page
+                    f.willneed(t.begin, t.end)
+                    if t.tag in BLOCK_TAGS and v.ndim == 2:
+                        PackedWeight.gguf(v, t.tag).decode()
+                    f.release(k)
+            self.parsed += 1
+
+        @settings(max_examples=self.cases, database=None, deadline=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @hseed(seed)
+        @given(data=st.data())
+        def run(data) -> None:
+            mode = data.draw(st.sampled_from(["mutate", "mutate", "field"]))
+            raw = bytearray(base)
+            if mode == "mutate":
+                for _ in range(data.draw(st.integers(1, 8))):
+                    i = data.draw(st.integers(0, header_end) | st.integers(0, len(raw) - 1))
+                    raw[i] = data.draw(st.integers(0, 255))
+            else:  # a 4- or 8-byte field anywhere in the header set to an extreme value
+                i = data.draw(st.integers(0, header_end - 8))
+                width = data.draw(st.sampled_from([4, 8]))
+                val = data.draw(st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1]) | st.integers(0, 600))
+                raw[i : i + width] = (val % 2 ** (8 * width)).to_bytes(width, "little")
+            if data.draw(st.integers(0, 3)) == 0:  # and cut it short, one time in four
+                raw = raw[: data.draw(st.integers(0, len(raw)))]
+            self.one(bytes(raw), mode, check)
 
         run()
 

@@ -242,6 +242,8 @@ def decode_block_to_f32(raw: np.ndarray, dtype: str, c0: int, c1: int, out: np.n
     """Decode the column block ``raw[:, c0:c1]`` of a C-contiguous 2-D stored weight into the
     C-contiguous float32 ``out`` (``raw.shape[0] * (c1 - c0)`` elements), bit-exactly as
     :func:`decode_to_f32`; serial. Returns ``out``."""
+    if not isinstance(raw, np.ndarray):  # a block weight (kernels.dequant.PackedWeight)
+        return _packed(raw, dtype).decode(out, c0, c1)
     want = DECODE_TAGS.get(dtype)
     if want is None:
         raise ValueError(f"cannot decode dtype {dtype!r}; known: {sorted(DECODE_TAGS)}")
@@ -262,6 +264,17 @@ def decode_block_to_f32(raw: np.ndarray, dtype: str, c0: int, c1: int, out: np.n
     else:
         _block_u8(readonly_flat(raw, np.uint8), k, rows, c0, c1, dst, dtype == "F8_E4M3")
     return out
+
+
+def _packed(w, dtype: str):
+    """A ``kernels.dequant.PackedWeight`` of tag ``dtype`` (GGUF blocks, NF4, scaled fp8): the
+    block types decode through the same two entry points as the plain dtypes."""
+    tag = getattr(w, "tag", None)
+    if tag is None or not hasattr(w, "decode"):
+        raise TypeError(f"expected a numpy array or a PackedWeight, got {type(w).__name__}")
+    if tag != dtype:
+        raise TypeError(f"weight is packed as {tag}, but {dtype} was asked for")
+    return w
 
 
 def readonly_flat(a: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
@@ -298,6 +311,8 @@ def decode_to_f32(
         ``out`` (or the new array), bit-exact decode of every element. For "F32" the data is
         copied into ``out`` when given, otherwise ``raw`` itself is returned (no copy).
     """
+    if not isinstance(raw, np.ndarray):  # a block weight (kernels.dequant.PackedWeight)
+        return _packed(raw, dtype).decode(out)
     want = DECODE_TAGS.get(dtype)
     if want is None:
         raise ValueError(f"cannot decode dtype {dtype!r}; known: {sorted(DECODE_TAGS)}")

@@ -41,7 +41,8 @@ from numba import njit
 from streamexec.kernels import buffers
 from streamexec.kernels.activations import _act_slice, activation_code
 from streamexec.kernels.blas import blas_pinned, blas_single_threaded
-from streamexec.kernels.decode import DECODE_TAGS, as_f32, decode_to_f32, readonly_flat
+from streamexec.kernels.decode import as_f32, decode_to_f32, readonly_flat
+from streamexec.kernels.dequant import check_weight
 from streamexec.kernels.threads import kernel_workers, parallel_items
 
 __all__ = [
@@ -216,11 +217,9 @@ def _check_x(x: np.ndarray, k: int | None = None) -> None:
 
 
 def _check_w(w: np.ndarray, w_dtype: str) -> None:
-    want = DECODE_TAGS.get(w_dtype)
-    if want is None:
-        raise ValueError(f"unknown weight dtype {w_dtype!r}; known: {sorted(DECODE_TAGS)}")
-    if w.ndim != 2 or not w.flags.c_contiguous or w.dtype.itemsize != want.itemsize:
-        raise TypeError(f"w must be a C-contiguous [N, K] {w_dtype} array, got {w.dtype} {w.shape}")
+    # a plain [N, K] array or a block weight (GGUF/NF4/scaled fp8: kernels.dequant.PackedWeight,
+    # whose row slices are views and which decode_to_f32 decodes like any other dtype)
+    check_weight(w, w_dtype)
 
 
 def _f32_2d(a: np.ndarray | None, shape: tuple[int, int], what: str) -> np.ndarray:
@@ -314,8 +313,9 @@ def linear(
 
     Args:
         x: float32 [M, K], C-contiguous.
-        w: [N, K] in its storage dtype (``weights.dtypes``), C-contiguous, may be read-only/mmap.
-        w_dtype: "F32", "F16", "BF16", "F8_E4M3" or "F8_E5M2".
+        w: [N, K] in its storage dtype (``weights.dtypes``), C-contiguous, may be read-only/mmap;
+            or a block weight (``kernels.dequant.PackedWeight``: GGUF, NF4, scaled fp8).
+        w_dtype: "F32", "F16", "BF16", "F8_E4M3" or "F8_E5M2", or the PackedWeight's tag.
         bias: optional [N] vector in ``bias_dtype`` (default: float32 as is, float16 -> "F16").
         out: optional float32 [M, N] destination (C-contiguous).  May be ``residual`` itself
             (in-place residual add: small per-worker tiles are then used); must not overlap x.

@@ -6,7 +6,6 @@ that we control exactly which pages are touched and can drop them again (``madvi
 
 from __future__ import annotations
 
-import errno
 import json
 import mmap
 import os
@@ -17,6 +16,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .dtypes import DTYPES, DType
+from .mapping import PAGE, MappedFile  # noqa: F401  (PAGE: re-exported for older imports)
 
 #: Largest header we accept. Real headers: SD 1.5 single file ~150 KiB, FLUX ~100 KiB,
 #: T5-XXL ~60 KiB. The safetensors package itself caps at 100 MB.
@@ -25,9 +25,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_JSON_DEPTH = 16
 #: Largest tensor rank we accept.
 MAX_RANK = 16
-
-PAGE = mmap.PAGESIZE
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; not exported by Python's mmap module
 
 
 @dataclass(frozen=True)
@@ -155,11 +152,12 @@ def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, HeaderEntry], dic
     return entries, metadata
 
 
-class SafetensorsFile:
+class SafetensorsFile(MappedFile):
     """One ``.safetensors`` file: its validated header and a read-only shared mapping.
 
     ``view(key)`` returns a zero-copy numpy array in the stored dtype; ``release(key)`` drops that
-    tensor's pages from this process (the page cache keeps them; RSS goes down).
+    tensor's pages from this process (the page cache keeps them; RSS goes down). Page control
+    (``willneed``/``populate``/``release_range``) comes from ``MappedFile``.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -232,88 +230,6 @@ class SafetensorsFile:
             raise CheckpointError(self.path, "file is closed")
         raw = self._base[t.begin : t.end]
         return raw.view(t.dtype.storage).reshape(t.shape)
-
-    def byte_range(self, key: str) -> tuple[int, int]:
-        t = self.info(key)
-        return t.begin, t.end
-
-    def _page_span(self, begin: int, end: int) -> tuple[int, int]:
-        start = begin - begin % PAGE
-        return start, end - start
-
-    def willneed(self, begin: int, end: int) -> None:
-        """Ask the kernel to start reading a byte range into the page cache (non-blocking)."""
-        if self._mm is None or end <= begin:
-            return
-        start, length = self._page_span(begin, end)
-        self._mm.madvise(mmap.MADV_WILLNEED, start, length)
-
-    def populate(self, begin: int, end: int) -> None:
-        """Fault a byte range into this process (blocking; used by the prefetch thread)."""
-        if self._mm is None or end <= begin:
-            return
-        start, length = self._page_span(begin, end)
-        try:
-            self._mm.madvise(_MADV_POPULATE_READ, start, length)
-        except OSError as e:
-            if e.errno in (errno.EFAULT, errno.EIO, errno.ENOMEM):
-                # past the end of the file: it was truncated or replaced while mapped
-                raise self._changed() from None
-            # Older kernels (no MADV_POPULATE_READ): touch one byte per page — after checking the
-            # file is still whole, since touching a page past its end would kill the process.
-            self._check_size()
-            self._base[start : start + length : PAGE].max()
-
-    def _check_size(self) -> None:
-        try:
-            now = os.stat(self.path).st_size
-        except OSError:
-            now = -1
-        if now < self.size:
-            raise self._changed()
-
-    def _changed(self) -> CheckpointError:
-        return CheckpointError(self.path, "the file was truncated or replaced while in use; stopping "
-                                          "(nothing was written)")
-
-    def release_range(self, begin: int, end: int) -> None:
-        """Drop the pages of a byte range from this process (RSS goes down; data stays on disk).
-
-        Only whole pages inside the range are dropped, plus partial edge pages: the mapping is
-        read-only and shared, so dropping a page never loses data — a later access re-reads it.
-        """
-        if self._mm is None or end <= begin:
-            return
-        start, length = self._page_span(begin, end)
-        self._mm.madvise(mmap.MADV_DONTNEED, start, length)
-
-    def release(self, key: str) -> None:
-        self.release_range(*self.byte_range(key))
-
-    def release_all(self) -> None:
-        if self._mm is not None:
-            self._mm.madvise(mmap.MADV_DONTNEED, 0, len(self._mm))
-
-    @property
-    def address(self) -> int:
-        """Start address of the mapping (to find it in /proc/self/smaps)."""
-        return 0 if self._base is None else int(self._base.ctypes.data)
-
-    def close(self) -> None:
-        self._base = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                # Views are still alive somewhere; the mapping goes when they do.
-                pass
-            self._mm = None
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({str(self.path)!r}, {len(self.tensors)} tensors)"
