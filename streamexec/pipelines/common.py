@@ -40,8 +40,10 @@ class Request:
     steps: int | None = None  # default: 25 SD 1.5 (diffusers' 50 is slow on CPU), 4 schnell, 28 dev
     cfg_scale: float | None = None  # SD 1.5 classifier-free guidance, default 7.5 (<= 1: no CFG batch)
     guidance: float | None = None  # FLUX dev distilled guidance, default 3.5
-    sampler: str | None = None  # euler, euler_a, ddim, dpmpp_2m, pndm; None = the checkpoint's scheduler
+    sampler: str | None = None  # euler, euler_a, ddim, dpmpp_2m, pndm, lcm, tcd; None = the checkpoint's scheduler
     karras: bool = False
+    timestep_spacing: str | None = None  # leading, linspace, trailing, sgm_uniform; None = the config's
+    eta: float | None = None  # ddim (default 0) and tcd (default 0.3): share of fresh noise per step
     height: int | None = None  # default: the model's native size
     width: int | None = None
     init_image: np.ndarray | None = None  # img2img (SD 1.5): uint8 [H, W, 3]
@@ -170,6 +172,10 @@ class Pipeline:
         p = self.resolve(req)
         sched = self.scheduler(req, p)
         p["sampler"], p["karras"] = sched.name, bool(sched.karras)
+        if req.timestep_spacing is not None:
+            p["timestep_spacing"] = req.timestep_spacing
+        if getattr(sched, "eta", 0.0) or req.eta is not None:
+            p["eta"] = float(sched.eta)
         return p
 
     def resume_state(self) -> dict[str, np.ndarray]:

@@ -108,7 +108,7 @@ class FluxPipeline(Pipeline):
         f = self.vae_scale_factor
         tokens = (params["height"] // (2 * f)) * (params["width"] // (2 * f))
         return make_scheduler(req.sampler, self.scheduler_config, params["steps"], karras=True if req.karras else None,
-                              image_seq_len=tokens)
+                              eta=req.eta, spacing=req.timestep_spacing, image_seq_len=tokens)
 
     def __call__(self, req: Request, progress: ProgressFn | None = None, on_step: StepFn | None = None,
                  start_step: int = 0, start_latents: np.ndarray | None = None,
