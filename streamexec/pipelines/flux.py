@@ -25,7 +25,7 @@ from .schedulers import (
     read_scheduler_config,
 )
 from .sd15 import clip_tokenizer, text_vocab_size
-from .tokenizers import T5Tokenizer
+from .tokenizers import t5_tokenizer
 
 DEFAULT_GUIDANCE = 3.5
 #: diffusers' FluxPipeline.default_sample_size (latent pixels): 1024² images with the 8× VAE
@@ -54,6 +54,14 @@ def latent_image_ids(h2: int, w2: int) -> np.ndarray:
     return ids.reshape(h2 * w2, 3)
 
 
+def _t5_vocab_size(model: Any) -> int | None:
+    v = model.config.get("vocab_size")
+    if v is None:
+        info = model.weight_info("encoder.embed_tokens.weight")
+        v = info[0][0] if info else None
+    return None if v is None else int(v)
+
+
 class FluxPipeline(Pipeline):
     """FLUX.1-schnell (no guidance embedder) and FLUX.1-dev (guidance-distilled)."""
 
@@ -65,8 +73,8 @@ class FluxPipeline(Pipeline):
         super().__init__(ckpt, root, memory_budget, scratch_dir)
         self.dev = bool(self.models["transformer"].has_guidance)
         self.variant = "dev" if self.dev else "schnell"
-        where = Path(tokenizer) if tokenizer is not None else root if root.is_dir() else root.parent
-        self.t5_tokenizer = T5Tokenizer.from_dir(where)
+        self.t5_tokenizer = t5_tokenizer(tokenizer, root if root.is_dir() else root.parent,
+                                         _t5_vocab_size(self.models["text_encoder_2"]))
         self.tokenizer = clip_tokenizer(root, tokenizer, text_vocab_size(self.models["text_encoder"]), flux=True)
         sched = root / "scheduler" / "scheduler_config.json" if root.is_dir() else None
         if sched is not None and sched.is_file():
