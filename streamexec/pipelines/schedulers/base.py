@@ -4,7 +4,7 @@ base of the DDPM-trained (SD 1.5) samplers."""
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -69,7 +69,14 @@ class Scheduler:
         rng: np.random.Generator | None = None,
         noise: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Latents for call ``i + 1`` from the denoiser's output at call ``i``."""
+        """Latents for call ``i + 1`` from the denoiser's output at call ``i``; samplers that add fresh
+        noise (``needs_noise``) take it as ``noise=`` (the pipeline's ``step_noise(seed, i)``) or draw it
+        from ``rng``."""
+        x = as_f32(x)
+        return self._step(as_f32(model_output), i, x, lambda: self._noise(x.shape, rng, noise))
+
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
+        """``step`` on float32 arrays; ``draw()`` gives the fresh noise (standard normal, ``x``'s shape)."""
         raise NotImplementedError
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
@@ -132,6 +139,13 @@ class DiscreteBase(Scheduler):
 
     def _train_sigmas(self) -> np.ndarray:
         return train_sigmas(self.alphas_cumprod)
+
+    def _final_sigma(self, table: np.ndarray) -> float:
+        """The sigma after the last step (``final_sigmas_type``): 0, or the training table's smallest."""
+        kind = self.params["final_sigmas_type"]
+        if kind not in ("zero", "sigma_min"):
+            raise StreamexecError(f"final_sigmas_type {kind!r}: use zero or sigma_min")
+        return float(table[0]) if kind == "sigma_min" else 0.0
 
     def _alpha_prev(self, t: int) -> np.float32:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod

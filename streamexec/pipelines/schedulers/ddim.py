@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from .base import DiscreteBase
 from .config import BETA_DEFAULTS
-from .tables import F32, as_f32, spaced_int
+from .tables import F32, spaced_int
 
 
 class DDIM(DiscreteBase):
@@ -45,16 +45,7 @@ class DDIM(DiscreteBase):
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         return self._ddpm_add_noise(x0, noise, i)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        i: int,
-        x: np.ndarray,
-        rng: np.random.Generator | None = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
-        x = as_f32(x)
-        model_output = as_f32(model_output)
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
         p = self.params
         t = int(self.timesteps[i])
         t_prev = t - self.train_steps // self.num_inference_steps
@@ -79,5 +70,5 @@ class DDIM(DiscreteBase):
         direction = np.sqrt(F32(1) - a_prev - std * std) * eps
         prev = np.sqrt(a_prev) * x0 + direction
         if self.eta > 0:
-            prev = prev + std * self._noise(x.shape, rng, noise)
+            prev = prev + std * draw()
         return prev

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -111,13 +111,7 @@ class DPMSolverMultistep(DiscreteBase):
             sigmas = t_to_sigma(timesteps, table)
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
-        if p["final_sigmas_type"] == "sigma_min":
-            last = float(table[0])
-        elif p["final_sigmas_type"] == "zero":
-            last = 0.0
-        else:
-            raise StreamexecError(f"final_sigmas_type {p['final_sigmas_type']!r}: use zero or sigma_min")
-        self.sigmas = np.concatenate([sigmas, [last]]).astype(F32)
+        self.sigmas = np.concatenate([sigmas, [self._final_sigma(table)]]).astype(F32)
         self.timesteps = timesteps if spacing == "sgm_uniform" else timesteps.astype(np.int64)
         self.solver_order = int(p["solver_order"])
         self._outputs: list[np.ndarray | None] = [None] * self.solver_order
@@ -162,22 +156,14 @@ class DPMSolverMultistep(DiscreteBase):
             return (x - sigma * model_output) / alpha
         return alpha * x - sigma * model_output  # v_prediction
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        i: int,
-        x: np.ndarray,
-        rng: np.random.Generator | None = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
         p = self.params
-        x = as_f32(x)
         n = len(self.timesteps)
         lower_order_final = (i == n - 1) and (
             p["euler_at_final"] or (p["lower_order_final"] and n < 15) or p["final_sigmas_type"] == "zero"
         )
         lower_order_second = (i == n - 2) and p["lower_order_final"] and n < 15
-        m = self._convert(as_f32(model_output), i, x)
+        m = self._convert(model_output, i, x)
         self._outputs = self._outputs[1:] + [m]
         with np.errstate(divide="ignore", invalid="ignore"):
             if self.solver_order == 1 or self._lower_order_nums < 1 or lower_order_final:

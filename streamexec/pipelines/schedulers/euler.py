@@ -4,7 +4,7 @@ sees them divided by sqrt(sigma^2 + 1)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -99,26 +99,11 @@ class Euler(SigmaBase):
         if self.karras:
             sigmas = karras_sigmas(sigmas, steps, p["sigma_min"], p["sigma_max"])
             timesteps = np.array([sigma_to_t(s, np.log(table)) for s in sigmas])
-        if p["final_sigmas_type"] == "sigma_min":
-            last = float(table[0])
-        elif p["final_sigmas_type"] == "zero":
-            last = 0.0
-        else:
-            raise StreamexecError(f"final_sigmas_type {p['final_sigmas_type']!r}: use zero or sigma_min")
-        self.sigmas = np.concatenate([sigmas, [last]]).astype(F32)
+        self.sigmas = np.concatenate([sigmas, [self._final_sigma(table)]]).astype(F32)
         self.timesteps = timesteps.astype(np.float32)
         self._set_init_noise_sigma()
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        i: int,
-        x: np.ndarray,
-        rng: np.random.Generator | None = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
-        x = as_f32(x)
-        model_output = as_f32(model_output)
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
         sigma = self.sigmas[i]
         x0 = self._x0(model_output, x, sigma)
         derivative = (x - x0) / sigma
@@ -149,16 +134,7 @@ class EulerAncestral(SigmaBase):
         self.timesteps = timesteps
         self._set_init_noise_sigma()
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        i: int,
-        x: np.ndarray,
-        rng: np.random.Generator | None = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
-        x = as_f32(x)
-        model_output = as_f32(model_output)
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
         sigma = self.sigmas[i]
         x0 = self._x0(model_output, x, sigma)
         sigma_to = self.sigmas[i + 1]
@@ -169,4 +145,4 @@ class EulerAncestral(SigmaBase):
         derivative = (x - x0) / sigma
         dt = sigma_down - sigma
         prev = x + derivative * dt
-        return prev + self._noise(x.shape, rng, noise) * sigma_up
+        return prev + draw() * sigma_up

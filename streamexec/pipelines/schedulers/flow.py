@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -110,13 +110,6 @@ class FlowMatchEuler(Scheduler):
         sigma = self.sigmas[i]
         return sigma * as_f32(noise) + (F32(1) - sigma) * as_f32(x0)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        i: int,
-        x: np.ndarray,
-        rng: np.random.Generator | None = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
         dt = self.sigmas[i + 1] - self.sigmas[i]
-        return as_f32(x) + dt * as_f32(model_output)
+        return x + dt * model_output

@@ -10,7 +10,7 @@ pipeline draws with ``step_noise(seed, i)`` so a run is reproducible and resumab
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ from streamexec.errors import StreamexecError
 
 from .base import DiscreteBase
 from .config import BETA_DEFAULTS
-from .tables import F32, as_f32
+from .tables import F32
 
 _CONSISTENCY_DEFAULTS: dict[str, Any] = {
     **BETA_DEFAULTS,
@@ -88,16 +88,7 @@ class LCM(_Consistency):
         super().__init__(config, steps)
         self.needs_noise = steps > 1  # the last step adds none
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        i: int,
-        x: np.ndarray,
-        rng: np.random.Generator | None = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
-        x = as_f32(x)
-        model_output = as_f32(model_output)
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
         p = self.params
         t = int(self.timesteps[i])
         last = i == len(self.timesteps) - 1
@@ -114,7 +105,7 @@ class LCM(_Consistency):
         if last:
             return denoised
         a_prev = self._alpha_prev(int(self.timesteps[i + 1]))
-        return np.sqrt(a_prev) * denoised + np.sqrt(F32(1) - a_prev) * self._noise(x.shape, rng, noise)
+        return np.sqrt(a_prev) * denoised + np.sqrt(F32(1) - a_prev) * draw()
 
 
 class TCD(_Consistency):
@@ -133,16 +124,7 @@ class TCD(_Consistency):
             raise StreamexecError(f"eta {eta} for the tcd sampler: use 0..1")
         self.needs_noise = self.eta > 0 and steps > 1
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        i: int,
-        x: np.ndarray,
-        rng: np.random.Generator | None = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
-        x = as_f32(x)
-        model_output = as_f32(model_output)
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
         t = int(self.timesteps[i])
         last = i == len(self.timesteps) - 1
         t_next = 0 if last else int(self.timesteps[i + 1])
@@ -153,4 +135,4 @@ class TCD(_Consistency):
         if self.eta == 0 or last:
             return noised
         ratio = a_next / a_s
-        return np.sqrt(ratio) * noised + np.sqrt(F32(1) - ratio) * self._noise(x.shape, rng, noise)
+        return np.sqrt(ratio) * noised + np.sqrt(F32(1) - ratio) * draw()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,7 @@ from streamexec.errors import StreamexecError
 
 from .base import DiscreteBase
 from .config import BETA_DEFAULTS
-from .tables import F32, as_f32
+from .tables import F32
 
 
 class PNDM(DiscreteBase):
@@ -87,16 +87,7 @@ class PNDM(DiscreteBase):
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         return self._ddpm_add_noise(x0, noise, i)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        i: int,
-        x: np.ndarray,
-        rng: np.random.Generator | None = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
-        x = as_f32(x)
-        model_output = as_f32(model_output)
+    def _step(self, model_output: np.ndarray, i: int, x: np.ndarray, draw: Callable[[], np.ndarray]) -> np.ndarray:
         t = int(self.timesteps[i])
         if self._counter < len(self.prk_timesteps) and not self.params["skip_prk_steps"]:
             return self._step_prk(model_output, t, x)
