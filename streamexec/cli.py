@@ -21,6 +21,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    from .pipelines.schedulers import SAMPLERS, SPACINGS
+
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="sampler (default: the checkpoint's scheduler); lcm and tcd for LCM/TCD-distilled models "
+                   "and LoRAs (4-8 steps, --cfg-scale 1)")
+    p.add_argument("--timestep-spacing", choices=SPACINGS, default=None,
+                   help="timesteps over the training schedule (default: the checkpoint's); trailing for "
+                   "turbo/distilled models; sgm_uniform (euler, euler_a, dpmpp_2m) as stable-diffusion.cpp names it")
+    p.add_argument("--eta", type=float, default=None,
+                   help="share of fresh noise per step, 0..1: ddim (default 0) and tcd (default 0.3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamexec",
@@ -57,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per prompt (SD 1.5's UNet and text encoder run twice that: prompt + negative prompt)",
     )
     p.add_argument("--no-cfg", action="store_true", help="plan SD 1.5 without classifier-free guidance (batch x1)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="SD 1.5 guidance scale recorded in the plan; <= 1 plans without classifier-free guidance "
+                   "(batch x1, as --no-cfg)")
+    _add_sampler_flags(p)
     p.add_argument("--vae-mode", choices=["decode", "encode"], default="decode", help="VAE direction to plan")
     p.add_argument("--steps", type=int, default=None, help="denoising steps recorded in the plan")
     p.add_argument(
@@ -84,10 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=None, help="denoising steps")
     r.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (SD 1.5)")
     r.add_argument("--guidance", type=float, default=None, help="distilled guidance (FLUX.1-dev)")
-    r.add_argument(
-        "--sampler", choices=["euler", "euler_a", "ddim", "dpmpp_2m", "pndm"], default=None,
-        help="sampler (default: the checkpoint's scheduler)",
-    )
+    _add_sampler_flags(r)
     r.add_argument("--karras", action="store_true", help="Karras sigmas")
     r.add_argument("--height", type=int, default=None)
     r.add_argument("--width", type=int, default=None)
@@ -150,12 +164,15 @@ def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
         raise StreamexecError(f"{ckpt.root}: no component streamexec can run (it has: {', '.join(ckpt.components)})")
     configs = {n: dict(c.config or {}) for n, c in ckpt.components.items()}
     side = default_size(configs)
-    shape = RunShape(args.height or side, args.width or side, max(1, args.batch),
-                     cfg=not (is_flux(ckpt.components) or args.no_cfg))
+    flux = is_flux(ckpt.components)
+    settings = _run_settings(args, flux)
+    no_cfg = args.no_cfg or (args.cfg_scale is not None and args.cfg_scale <= 1)
+    shape = RunShape(args.height or side, args.width or side, max(1, args.batch), cfg=not (flux or no_cfg))
     dtypes = {t.dtype for c in ckpt.components.values() for t in c.tensors.values()}
     baseline = measure_baseline(dtypes)
     plan = plan_components(ckpt, names, shape, budget, baseline, steps=args.steps, vae_mode=args.vae_mode,
                            variant=args.variant)
+    plan.settings = settings  # what `run` uses unless its own flags say otherwise
     save_plan(plan, args.output)
     for name, cp in plan.components.items():
         f = cp.fit
@@ -167,6 +184,21 @@ def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
           f"{format_size(plan.peak)} (process baseline {format_size(baseline)}); "
           f"'streamexec inspect {args.output}' shows every layer")
     return 0
+
+
+def _run_settings(args: argparse.Namespace, flux: bool) -> dict:
+    """The sampler settings ``plan`` records, checked the way a run would check them (against the
+    published SD 1.5 / FLUX scheduler config; the model's own may differ) before anything is written."""
+    from .pipelines.schedulers import FLUX_SCHNELL_SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, make_scheduler
+
+    settings = {k: getattr(args, k) for k in ("sampler", "cfg_scale", "timestep_spacing", "eta")
+                if getattr(args, k) is not None}
+    if flux and "cfg_scale" in settings:
+        raise StreamexecError("FLUX.1 has no classifier-free guidance: --cfg-scale is SD 1.5's")
+    if settings.keys() - {"cfg_scale"}:
+        make_scheduler(args.sampler, FLUX_SCHNELL_SCHEDULER_CONFIG if flux else SD15_SCHEDULER_CONFIG,
+                       args.steps or 1, eta=args.eta, spacing=args.timestep_spacing, image_seq_len=4096)
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:

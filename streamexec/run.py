@@ -57,6 +57,11 @@ def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict, dict | None]:
     for k in ("height", "width", "steps", "batch"):
         if run.get(k) is not None and (isinstance(run[k], bool) or not isinstance(run[k], int) or run[k] < 1):
             raise PlanError(f"{target}: run.{k} must be a positive whole number, not {run[k]!r}")
+    for k, kind in (("cfg_scale", "a number"), ("eta", "a number"), ("sampler", "a name"),
+                    ("timestep_spacing", "a name")):
+        v = run.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, str if kind == "a name" else (int, float))):
+            raise PlanError(f"{target}: run.{k} must be {kind}, not {v!r}")
     if d.get("template"):
         name = d.get("model")
         if args.model:
@@ -236,6 +241,11 @@ def check_budget_first(pipe, params: dict, budget) -> None:
         fit_schedule(graph, table, budget, m.baseline)
 
 
+def _first(flag, planned):
+    """The command line's value, else the plan's (a flag of 0 still counts)."""
+    return flag if flag is not None else planned
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
@@ -246,9 +256,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     budget = _budget(args, mem)
     req = Request(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        steps=args.steps or run.get("steps"), cfg_scale=args.cfg_scale, guidance=args.guidance,
-        sampler=args.sampler, karras=args.karras, height=args.height or run.get("height"),
-        width=args.width or run.get("width"), strength=args.strength,
+        steps=args.steps or run.get("steps"), cfg_scale=_first(args.cfg_scale, run.get("cfg_scale")),
+        guidance=args.guidance, sampler=args.sampler or run.get("sampler"), karras=args.karras,
+        height=args.height or run.get("height"), width=args.width or run.get("width"), strength=args.strength,
+        timestep_spacing=args.timestep_spacing or run.get("timestep_spacing"), eta=_first(args.eta, run.get("eta")),
     )
     if args.init_image:
         req.init_image = _read_image(args.init_image, req.width, req.height)

@@ -207,7 +207,7 @@ def test_sd15_img2img_parity(sd_pipe, sd_folder: Path, monkeypatch: pytest.Monke
     assert ("vae_encode", 1, 1) in progress and res.parameters["strength"] == strength
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "pndm"])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "pndm", "lcm", "tcd"])
 def test_sd15_resume_gives_the_same_latents(sd_pipe, sampler: str) -> None:
     req = Request(PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=4, sampler=sampler, height=SD_SIZE,
                   width=SD_SIZE)
@@ -222,7 +222,7 @@ def test_sd15_resume_gives_the_same_latents(sd_pipe, sampler: str) -> None:
     assert np.array_equal(resumed.latents, full.latents) and np.array_equal(resumed.image, full.image)
     assert steps_after == list(range(k + 1, len(saved)))
     assert [p for p in progress if p[0] == "denoise"][0] == ("denoise", k + 1, len(saved))
-    if sampler != "euler_a":
+    if sampler in ("dpmpp_2m", "pndm"):  # multistep: the history is needed
         with pytest.raises(StreamexecError, match="start_state"):
             sd_pipe(req, start_step=k + 1, start_latents=latents)
 
@@ -245,6 +245,74 @@ def test_sd15_long_prompt_warns(sd_pipe) -> None:
 
     with pytest.warns(PromptTruncatedWarning, match="CLIP takes 77 tokens"):
         sd_pipe(Request(" ".join([PROMPT] * 20), steps=1, sampler="euler", height=SD_SIZE, width=SD_SIZE))
+
+
+@pytest.mark.parametrize(("sampler", "cls", "eta"), [("lcm", "LCMScheduler", None), ("tcd", "TCDScheduler", 0.3)])
+def test_sd15_few_step_cfg1_parity_at_batch_1(sd_pipe, sd_ref, sampler: str, cls: str, eta: float | None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """LCM/TCD with --cfg-scale 1 as an LCM-LoRA user runs diffusers (StableDiffusionPipeline, scheduler
+    swapped, guidance_scale=1): the UNet runs once per step at batch 1 and the negative prompt is never
+    encoded; fresh noise between steps is step_noise(seed, i), handed to diffusers too."""
+    steps = 4
+    shape = (1, 4, SD_SIZE // 2, SD_SIZE // 2)
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    real_call = sd_pipe._call
+
+    def spy(name, *args, **kwargs):
+        first = kwargs.get("sample", kwargs.get("input_ids", args[0] if args else None))
+        calls.append((name, tuple(np.shape(first))))
+        return real_call(name, *args, **kwargs)
+
+    monkeypatch.setattr(sd_pipe, "_call", spy)
+    req = Request(PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps, sampler=sampler, cfg_scale=1.0,
+                  eta=eta, height=SD_SIZE, width=SD_SIZE)
+    res = sd_pipe(req)
+    assert calls[0] == ("text_encoder", (1, 77))  # the prompt only: no negative prompt row
+    assert [c for c in calls if c[0] == "unet"] == [("unet", shape)] * steps  # once per step, batch 1
+    assert sd_pipe.models["unet"].last_executor.graph.inputs["sample"][0] == 1  # planned and run at batch 1
+    assert res.parameters["sampler"] == sampler and res.parameters["cfg_scale"] == 1.0
+    assert res.parameters.get("eta") == eta
+
+    sd_ref.scheduler = getattr(diffusers, cls).from_config(sd_ref.scheduler.config)
+    mod = diffusers.schedulers.scheduling_lcm if sampler == "lcm" else diffusers.schedulers.scheduling_tcd
+    monkeypatch.setattr(mod, "randn_tensor", StepNoise(ancestral_noises(SEED, shape, range(steps - 1))))
+    extra = {} if eta is None else {"eta": eta}
+    lat, img, _ = run_diffusers(sd_ref, dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                                             guidance_scale=1.0, height=SD_SIZE, width=SD_SIZE,
+                                             latents=torch.from_numpy(initial_noise(SEED, shape)), **extra))
+    err, pix = rel_err(res.latents, lat), pixel_err(res.image, img)
+    MEASURED[f"sd15 {sampler} cfg 1"] = (err, pix)
+    print(f"sd15 {sampler} cfg 1: latents rel err {err:.2e}, max pixel diff {pix:.2f}/255")
+    assert err <= LAT_TOL and pix <= PIX_TOL
+
+
+def test_sd15_cli_sampler_settings_from_plan_and_flags(sd_folder: Path, tmp_path: Path) -> None:
+    """`plan --sampler lcm --cfg-scale 1` records the settings; `run plan.yaml` uses them, and its own
+    --sampler/--eta/--timestep-spacing flags win; the PNG's parameters say what ran."""
+    from PIL import Image
+
+    from streamexec.cli import main
+
+    plan, png = tmp_path / "p.yaml", tmp_path / "a.png"
+    size = ["--height", str(SD_SIZE), "--width", str(SD_SIZE)]
+    assert main(["plan", str(sd_folder), "--sampler", "lcm", "--cfg-scale", "1", "--steps", "2", *size,
+                 "-o", str(plan)]) == 0
+    assert main(["run", str(plan), "--prompt", PROMPT, "--quiet", "-o", str(png)]) == 0
+    with Image.open(png) as im:
+        text = im.text["parameters"]
+    assert "Steps: 2, Sampler: lcm, CFG scale: 1.0" in text and "Eta" not in text
+    assert main(["run", str(plan), "--prompt", PROMPT, "--quiet", "--sampler", "tcd", "--eta", "0.5",
+                 "-o", str(png)]) == 0
+    with Image.open(png) as im:
+        assert "Sampler: tcd, Eta: 0.5, CFG scale: 1.0" in im.text["parameters"]
+    assert main(["run", str(plan), "--prompt", PROMPT, "--quiet", "--sampler", "euler_a", "--timestep-spacing",
+                 "trailing", "-o", str(png)]) == 0
+    with Image.open(png) as im:
+        assert "Sampler: euler_a, Timestep spacing: trailing, CFG scale: 1.0" in im.text["parameters"]
+    png.unlink()
+    assert main(["run", str(plan), "--prompt", PROMPT, "--quiet", "--timestep-spacing", "trailing",
+                 "-o", str(png)]) == 2  # lcm (from the plan) takes no spacing: one line, nothing written
+    assert not png.exists()
 
 
 # ---------------------------------------------------------------------------------------------- FLUX

@@ -291,3 +291,31 @@ def test_a_saved_plan_is_followed_exactly(unet, tmp_path: Path) -> None:
     assert m.last_fit.schedule is schedule and schedule.spill_after  # the plan's own (spilling) schedule
     with torch.no_grad():
         assert rel_err(y, model(x, t, encoder_hidden_states=ctx).sample) <= 1e-4
+
+
+def test_plan_with_cfg_scale_1_plans_batch_1_and_records_the_sampler(unet, tmp_path: Path, capsys) -> None:
+    """`plan --cfg-scale 1 --sampler lcm`: the UNet is planned at batch 1 (no CFG batch) and the sampler
+    settings land in the plan's run section for `run`; a combination a run would refuse is refused here,
+    before anything is written."""
+    path, _ = unet
+    out = tmp_path / "p.yaml"
+    assert _plan(path, out, "--cfg-scale", "1", "--sampler", "lcm", "--steps", "4") == 0
+    d = yaml.safe_load(out.read_text())
+    assert d["components"]["unet"]["inputs"]["sample"]["shape"] == [1, 4, 16, 16]
+    assert d["run"]["cfg"] is False
+    assert {k: d["run"][k] for k in ("sampler", "cfg_scale", "steps")} == {"sampler": "lcm", "cfg_scale": 1.0,
+                                                                         "steps": 4}
+    assert "timestep_spacing" not in d["run"] and "eta" not in d["run"]
+    assert _plan(path, out, "--cfg-scale", "7.5", "--timestep-spacing", "trailing", "--sampler", "euler_a") == 0
+    d = yaml.safe_load(out.read_text())
+    assert d["components"]["unet"]["inputs"]["sample"]["shape"] == [2, 4, 16, 16]
+    assert d["run"]["timestep_spacing"] == "trailing" and d["run"]["sampler"] == "euler_a"
+    capsys.readouterr()
+    bad = tmp_path / "bad.yaml"
+    for extra, message in [(("--sampler", "lcm", "--timestep-spacing", "trailing"), "distillation schedule"),
+                           (("--sampler", "euler", "--eta", "0.3"), "eta applies to the ddim and tcd"),
+                           (("--sampler", "ddim", "--timestep-spacing", "sgm_uniform"), "sgm_uniform")]:
+        assert _plan(path, bad, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+        assert not bad.exists()

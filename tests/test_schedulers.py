@@ -47,6 +47,8 @@ REF_CLASS = {
     "ddim": diffusers.DDIMScheduler,
     "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
     "pndm": diffusers.PNDMScheduler,
+    "lcm": diffusers.LCMScheduler,
+    "tcd": diffusers.TCDScheduler,
 }
 KARRAS = ("euler", "dpmpp_2m")  # the diffusers classes with use_karras_sigmas
 RTOL = 1e-5
@@ -73,7 +75,7 @@ def noises(n: int, seed: int = 7) -> list[np.ndarray]:
 
 
 def patch_noise(monkeypatch: pytest.MonkeyPatch, queue: list[np.ndarray]) -> None:
-    """diffusers' EulerAncestral draws its step noise with randn_tensor: hand it our noise, in order."""
+    """diffusers' EulerAncestral, LCM and TCD draw their step noise with randn_tensor: hand it our noise, in order."""
     it = iter(queue)
 
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
@@ -81,7 +83,8 @@ def patch_noise(monkeypatch: pytest.MonkeyPatch, queue: list[np.ndarray]) -> Non
         assert tuple(shape) == arr.shape
         return torch.from_numpy(arr.copy()).to(dtype)
 
-    monkeypatch.setattr(diffusers.schedulers.scheduling_euler_ancestral_discrete, "randn_tensor", fake_randn)
+    for module in ("scheduling_euler_ancestral_discrete", "scheduling_lcm", "scheduling_tcd"):
+        monkeypatch.setattr(getattr(diffusers.schedulers, module), "randn_tensor", fake_randn)
 
 
 def run_reference(ref, x: np.ndarray, timesteps=None) -> list[np.ndarray]:

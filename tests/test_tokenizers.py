@@ -287,3 +287,80 @@ def test_runtime_module_does_not_import_transformers() -> None:
         "sys.exit(sorted(bad) if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------- shipped T5
+
+SHIPPED_T5_PROMPTS = [
+    "",
+    " ",
+    "a photograph of a lighthouse at dusk, oil painting, highly detailed",
+    "Crème brûlée à la façon de Zoë — naïve café, “curly quotes” and ‘single’ ones, Ångström, straße",
+    "東京の夜景、ネオン 🌃🐱‍👤 emoji 👍🏽 flags 🇯🇵 and a lone 😺",
+    "Ελληνικά Русский العربية עברית हिन्दी 한국어",
+    "ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ, ligatures ﬁ ﬂ, superscripts x² and ½",
+    "numbers 3.14159, 1,000,000, 42nd, 2024-01-01, $9.99, 50%, -7e-3",
+    "whitespace   runs\t\ttabs\n\nnewlines and a trailing space   ",
+    "   leading spaces",
+    "punctuation!!! ??? ... ;;; (((brackets:1.2))) [x] {y} <z> @#&* ~`|\\/",
+    "typed specials <pad> </s> <unk> <extra_id_0> <extra_id_99> stay special",
+    "\u200b zero width, \u00a0 no-break and \u2009 thin spaces",
+    "CamelCaseWords snake_case_words kebab-case-words URLs https://example.com/a?b=c",
+    " ".join(["a very long prompt about a lighthouse at dusk with many words"] * 60),  # > 512 tokens
+]
+
+
+def test_shipped_t5_tokenizer_is_the_published_one() -> None:
+    """The package ships FLUX.1's tokenizer_2 files unchanged (32,100 tokens); compared with the shared
+    reference copy when this machine has it."""
+    from streamexec.pipelines.tokenizers import SHIPPED_T5_TOKENIZER
+
+    data = json.loads((SHIPPED_T5_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))
+    assert data["model"]["type"] == "Unigram" and len(data["model"]["vocab"]) == 32100
+    reference = Path("/work/shared/reference/flux-schnell/tokenizer_2")
+    if reference.is_dir():
+        for f in reference.iterdir():
+            assert (SHIPPED_T5_TOKENIZER / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize("max_length", [512, 256, 77])
+def test_shipped_t5_ids_equal_transformers(max_length: int) -> None:
+    """ids of the shipped T5 v1.1 tokenizer = transformers' T5TokenizerFast from the same folder, called as
+    FluxPipeline calls tokenizer_2 (max_length padding, truncation), on awkward prompts."""
+    from streamexec.pipelines.tokenizers import SHIPPED_T5_TOKENIZER
+
+    ref = transformers.T5TokenizerFast.from_pretrained(SHIPPED_T5_TOKENIZER)
+    assert len(ref) == 32100
+    ours = T5Tokenizer.from_dir(SHIPPED_T5_TOKENIZER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        got = ours.encode(SHIPPED_T5_PROMPTS, max_length=max_length)
+    want = _sd_reference_ids(ref, SHIPPED_T5_PROMPTS, max_length)
+    for prompt, g, w in zip(SHIPPED_T5_PROMPTS, got, want):
+        assert g.tolist() == w.tolist(), prompt
+    full = ref(SHIPPED_T5_PROMPTS[-1])["input_ids"]
+    assert len(full) > 512 and got[-1].tolist() == full[: max_length - 1] + [ref.eos_token_id]
+    assert got[0].tolist() == [ref.eos_token_id] + [ref.pad_token_id] * (max_length - 1)  # "" -> just </s>
+
+
+def test_t5_tokenizer_fallback_order(tmp_path: Path, t5_ref) -> None:
+    """--tokenizer (when it holds T5 files) > the model folder's tokenizer_2/ > the shipped one, which an
+    encoder with a smaller vocabulary than 32,100 refuses in one line naming --tokenizer."""
+    from streamexec.pipelines.tokenizers import SHIPPED_T5_TOKENIZER, t5_tokenizer
+
+    _ref, toy = t5_ref
+    empty = tmp_path / "model"
+    empty.mkdir()
+    assert t5_tokenizer(None, empty, 32128).folder == SHIPPED_T5_TOKENIZER
+    assert t5_tokenizer(None, empty, None).folder == SHIPPED_T5_TOKENIZER
+    clip_only = REFERENCE_DIR / "sd15" / "tokenizer"  # a CLIP folder passed as --tokenizer: T5 still found
+    assert t5_tokenizer(clip_only, empty, 32128).folder == SHIPPED_T5_TOKENIZER
+    assert t5_tokenizer(toy, empty, 32128).folder == toy
+    own = tmp_path / "pipeline"
+    shutil.copytree(toy, own / "tokenizer_2")
+    assert t5_tokenizer(None, own, 240).folder == own / "tokenizer_2"  # the folder's own tokenizer wins
+    with pytest.raises(StreamexecError, match="--tokenizer") as err:
+        t5_tokenizer(None, empty, 240)
+    assert "32100" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(StreamexecError, match="no T5 tokenizer"):
+        t5_tokenizer(tmp_path / "nothing-here", empty, 32128)  # a --tokenizer folder without any tokenizer

@@ -1,8 +1,9 @@
 """The published configs of SD 1.5, FLUX.1-schnell and FLUX.1-dev (model_index, component
-config.json, scheduler config) and SD 1.5's CLIP tokenizer files — no weights. They are the
-defaults for single-file checkpoints, which carry no config, and the reference shapes for tests
-and tools. Copied from the published Hugging Face repositories (runwayml/stable-diffusion-v1-5,
-black-forest-labs/FLUX.1-schnell and FLUX.1-dev); the CLIP BPE files are OpenAI's (MIT)."""
+config.json, scheduler config), SD 1.5's CLIP tokenizer files and FLUX.1's T5 v1.1 tokenizer
+(``flux-schnell/tokenizer_2/``) — no weights. They are the defaults for single-file checkpoints,
+which carry no config or tokenizer, and the reference shapes for tests and tools. Copied from the
+published Hugging Face repositories (runwayml/stable-diffusion-v1-5, black-forest-labs/FLUX.1-schnell
+and FLUX.1-dev); the CLIP BPE files are OpenAI's (MIT), the T5 vocabulary Google's (Apache 2.0)."""
 
 from __future__ import annotations
 

@@ -43,8 +43,10 @@ class Request:
     steps: int | None = None  # default: 25 SD 1.5 (diffusers' 50 is slow on CPU), 4 schnell, 28 dev
     cfg_scale: float | None = None  # SD 1.5 classifier-free guidance, default 7.5 (<= 1: no CFG batch)
     guidance: float | None = None  # FLUX dev distilled guidance, default 3.5
-    sampler: str | None = None  # euler, euler_a, ddim, dpmpp_2m, pndm; None = the checkpoint's scheduler
+    sampler: str | None = None  # euler, euler_a, ddim, dpmpp_2m, pndm, lcm, tcd; None = the checkpoint's scheduler
     karras: bool = False
+    timestep_spacing: str | None = None  # leading, linspace, trailing, sgm_uniform; None = the config's
+    eta: float | None = None  # ddim (default 0) and tcd (default 0.3): share of fresh noise per step
     height: int | None = None  # default: the model's native size
     width: int | None = None
     init_image: np.ndarray | None = None  # img2img (SD 1.5): uint8 [H, W, 3]
@@ -89,59 +91,6 @@ def to_uint8(decoded: np.ndarray) -> np.ndarray:
     """VAE output [1, 3, H, W] in [-1, 1] → uint8 [H, W, 3], as diffusers' postprocess + ``numpy_to_pil``."""
     x = np.clip(decoded[0] / F32(2) + F32(0.5), 0, 1)
     return np.ascontiguousarray((x.transpose(1, 2, 0) * F32(255)).round().astype(np.uint8))
-
-
-# -- sampler state (multistep samplers keep history a resumed run needs) ---------------------------
-def sampler_state(sched: Any) -> dict[str, np.ndarray]:
-    """The history a multistep sampler carries between calls (DPM-Solver's previous outputs, PNDM's
-    ``ets``), as arrays to save beside the latents; empty for euler/euler_a/ddim/FLUX."""
-    from .schedulers import PNDM, DPMSolverMultistep
-
-    if isinstance(sched, DPMSolverMultistep):
-        present = [o is not None for o in sched._outputs]
-        out = {"lower_order_nums": np.array(sched._lower_order_nums), "present": np.array(present)}
-        if any(present):
-            out["outputs"] = np.stack([o for o in sched._outputs if o is not None])
-        return out
-    if isinstance(sched, PNDM):
-        out = {"counter": np.array(sched._counter), "n_ets": np.array(len(sched._ets))}
-        if sched._ets:
-            out["ets"] = np.stack(sched._ets)
-        if sched._cur_sample is not None:
-            out["cur_sample"] = np.array(sched._cur_sample)
-        if not isinstance(sched._cur_model_output, (int, float)):
-            out["cur_model_output"] = np.array(sched._cur_model_output)
-        return out
-    return {}
-
-
-def needs_state(sched: Any) -> bool:
-    from .schedulers import PNDM, DPMSolverMultistep
-
-    return isinstance(sched, (PNDM, DPMSolverMultistep))
-
-
-def restore_sampler_state(sched: Any, state: dict[str, np.ndarray]) -> None:
-    """Put a :func:`sampler_state` back (the sampler must be built with the same settings)."""
-    from .schedulers import PNDM, DPMSolverMultistep
-
-    try:
-        if isinstance(sched, DPMSolverMultistep):
-            present = [bool(p) for p in np.asarray(state["present"])]
-            if len(present) != len(sched._outputs):
-                raise KeyError("present")
-            stacked = iter(np.asarray(state["outputs"], F32)) if any(present) else iter(())
-            sched._outputs = [next(stacked) if p else None for p in present]
-            sched._lower_order_nums = int(state["lower_order_nums"])
-        elif isinstance(sched, PNDM):
-            sched._counter = int(state["counter"])
-            n = int(state["n_ets"])
-            sched._ets = list(np.asarray(state["ets"], F32)) if n else []
-            sched._cur_sample = np.asarray(state["cur_sample"], F32) if "cur_sample" in state else None
-            sched._cur_model_output = np.asarray(state["cur_model_output"], F32) if "cur_model_output" in state else 0
-    except (KeyError, ValueError, TypeError, StopIteration) as err:
-        raise StreamexecError(f"the saved {sched.name} sampler state is incomplete or from another sampler ({err})") \
-            from None
 
 
 # -- the pipeline base -----------------------------------------------------------------------------
@@ -203,12 +152,16 @@ class Pipeline:
         p = self.resolve(req)
         sched = self.scheduler(req, p)
         p["sampler"], p["karras"] = sched.name, bool(sched.karras)
+        if req.timestep_spacing is not None:
+            p["timestep_spacing"] = req.timestep_spacing
+        if getattr(sched, "eta", 0.0) or req.eta is not None:
+            p["eta"] = float(sched.eta)
         return p
 
     def resume_state(self) -> dict[str, np.ndarray]:
         """Inside ``on_step``: the sampler history to save beside the latents (empty for single-step
         samplers) and pass back as ``start_state`` to resume a multistep sampler (dpmpp_2m, pndm)."""
-        return sampler_state(self._sched) if self._sched is not None else {}
+        return self._sched.state_dict() if self._sched is not None else {}
 
     def close(self) -> None:
         for m in self.models.values():
@@ -266,11 +219,11 @@ class Pipeline:
             if np.shape(start_latents) != x.shape:
                 raise StreamexecError(f"start_latents has shape {list(np.shape(start_latents))}, "
                                       f"this run's latents {list(x.shape)}")
-            if needs_state(sched):
+            if sched.stateful:
                 if start_state is None:
                     raise StreamexecError(f"resuming the {sched.name} sampler needs its history: save "
                                           "Pipeline.resume_state() with the latents and pass it as start_state")
-                restore_sampler_state(sched, start_state)
+                sched.load_state_dict(start_state)
             x = np.ascontiguousarray(start_latents, dtype=F32)
             begin = start_step
         self._sched = sched

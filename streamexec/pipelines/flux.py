@@ -25,7 +25,7 @@ from .schedulers import (
     make_scheduler,
     read_scheduler_config,
 )
-from .tokenizers import T5Tokenizer, clip_tokenizer, text_vocab_size
+from .tokenizers import clip_tokenizer, t5_tokenizer, text_vocab_size
 
 DEFAULT_GUIDANCE = 3.5
 
@@ -52,6 +52,14 @@ def latent_image_ids(h2: int, w2: int) -> np.ndarray:
     return ids.reshape(h2 * w2, 3)
 
 
+def _t5_vocab_size(model: Any) -> int | None:
+    v = model.config.get("vocab_size")
+    if v is None:
+        info = model.weight_info("encoder.embed_tokens.weight")
+        v = info[0][0] if info else None
+    return None if v is None else int(v)
+
+
 class FluxPipeline(Pipeline):
     """FLUX.1-schnell (no guidance embedder) and FLUX.1-dev (guidance-distilled)."""
 
@@ -63,8 +71,8 @@ class FluxPipeline(Pipeline):
         super().__init__(ckpt, root, memory_budget, scratch_dir)
         self.dev = bool(self.models["transformer"].has_guidance)
         self.variant = "dev" if self.dev else "schnell"
-        where = Path(tokenizer) if tokenizer is not None else root if root.is_dir() else root.parent
-        self.t5_tokenizer = T5Tokenizer.from_dir(where)
+        self.t5_tokenizer = t5_tokenizer(tokenizer, root if root.is_dir() else root.parent,
+                                         _t5_vocab_size(self.models["text_encoder_2"]))
         self.tokenizer = clip_tokenizer(root, tokenizer, text_vocab_size(self.models["text_encoder"]), flux=True)
         sched = root / "scheduler" / "scheduler_config.json" if root.is_dir() else None
         if sched is not None and sched.is_file():
@@ -103,7 +111,7 @@ class FluxPipeline(Pipeline):
         f = self.vae_scale_factor
         tokens = (params["height"] // (2 * f)) * (params["width"] // (2 * f))
         return make_scheduler(req.sampler, self.scheduler_config, params["steps"], karras=True if req.karras else None,
-                              image_seq_len=tokens)
+                              eta=req.eta, spacing=req.timestep_spacing, image_seq_len=tokens)
 
     def __call__(self, req: Request, progress: ProgressFn | None = None, on_step: StepFn | None = None,
                  start_step: int = 0, start_latents: np.ndarray | None = None,

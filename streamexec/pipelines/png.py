@@ -27,8 +27,9 @@ def parameters_text(p: dict) -> str:
     lines = [str(p.get("prompt", ""))]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
-    keys = [("steps", "Steps"), ("sampler", "Sampler"), ("cfg_scale", "CFG scale"), ("guidance", "Guidance"),
-            ("seed", "Seed"), ("size", "Size"), ("model", "Model"), ("strength", "Denoising strength")]
+    keys = [("steps", "Steps"), ("sampler", "Sampler"), ("timestep_spacing", "Timestep spacing"), ("eta", "Eta"),
+            ("cfg_scale", "CFG scale"), ("guidance", "Guidance"), ("seed", "Seed"), ("size", "Size"),
+            ("model", "Model"), ("strength", "Denoising strength")]
     pairs = [f"{label}: {p[k]}" for k, label in keys if p.get(k) is not None]
     pairs.append("Generator: streamexec")
     lines.append(", ".join(pairs))

@@ -143,7 +143,8 @@ class SD15Pipeline(Pipeline):
                       parameters=p)
 
     def scheduler(self, req: Request, params: dict[str, Any]) -> Any:
-        return make_scheduler(req.sampler, self.scheduler_config, params["steps"], karras=True if req.karras else None)
+        return make_scheduler(req.sampler, self.scheduler_config, params["steps"], karras=True if req.karras else None,
+                              eta=req.eta, spacing=req.timestep_spacing)
 
     def _noise(self, req: Request, shape: tuple[int, ...]) -> np.ndarray:
         if req.latents_in is None:

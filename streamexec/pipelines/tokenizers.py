@@ -342,9 +342,10 @@ def _basic_clean(text: str) -> str:
 class T5Tokenizer(_FixedLengthTokenizer):
     """T5 SentencePiece-Unigram tokenizer from ``tokenizer.json``; ids equal transformers' ``T5TokenizerFast``.
 
-    The text is encoded with the file's own pipeline (normalizer, Metaspace pre-tokenizer, Unigram),
-    then ``</s>`` is appended and the row padded with ``<pad>`` — what ``FluxPipeline`` asks of
-    ``tokenizer_2`` with ``padding="max_length", truncation=True``.
+    The text is encoded with the file's vocabulary and SentencePiece normalizer in the pipeline
+    transformers' T5 tokenizer builds around them (see ``_t5_pipeline``), then ``</s>`` is appended
+    and the row padded with ``<pad>`` — what ``FluxPipeline`` asks of ``tokenizer_2`` with
+    ``padding="max_length", truncation=True``.
     """
 
     def __init__(self, tok: Tokenizer, folder: Path, *, eos_id: int, pad_id: int) -> None:
@@ -372,7 +373,7 @@ class T5Tokenizer(_FixedLengthTokenizer):
         config = _token_config(folder)
         eos, _ = _special(config, "eos_token", "</s>")
         pad, _ = _special(config, "pad_token", "<pad>")
-        tok = _load_tokenizer_json(folder / "tokenizer.json")
+        tok = _t5_pipeline(_load_tokenizer_json(folder / "tokenizer.json"))
         return cls(tok, folder, eos_id=_token_id(tok, eos, folder, "EOS"), pad_id=_token_id(tok, pad, folder, "pad"))
 
     def tokenize(self, prompts: str | Sequence[str], max_length: int = 512) -> Tokenized:
@@ -384,3 +385,54 @@ class T5Tokenizer(_FixedLengthTokenizer):
         out = self._tokenize(prompts, max_length)
         self._warn(out, max_length, "T5")
         return out.ids
+
+
+# -- the shipped T5 tokenizer --------------------------------------------------------------------------------
+from streamexec.configs import REFERENCE_DIR  # noqa: E402  (kept with the code that uses it)
+
+__all__ += ["SHIPPED_T5_TOKENIZER", "t5_tokenizer"]
+
+#: The published T5 v1.1 tokenizer FLUX.1 uses (black-forest-labs/FLUX.1-schnell ``tokenizer_2/``:
+#: 32,000 SentencePiece-Unigram pieces + 100 ``<extra_id_N>``), shipped for models that carry none.
+SHIPPED_T5_TOKENIZER = REFERENCE_DIR / "flux-schnell" / "tokenizer_2"
+SHIPPED_T5_VOCAB = 32100
+
+
+def _has_t5_files(folder: Path) -> bool:
+    return any((d / name).is_file() for d in (folder, folder / "tokenizer_2") for name in ("tokenizer.json",
+                                                                                          "spiece.model"))
+
+
+def t5_tokenizer(tokenizer: str | Path | None, model_dir: Path, vocab_size: int | None) -> T5Tokenizer:
+    """FLUX's T5 tokenizer: from ``tokenizer`` (``--tokenizer``) when it holds T5 files, else the model
+    folder's (``tokenizer_2/``), else the shipped T5 v1.1 tokenizer — refused (one line, naming
+    ``--tokenizer``) when the encoder's ``vocab_size`` is too small for its ids, i.e. not a T5 v1.1 encoder."""
+    if tokenizer is not None:
+        t = Path(tokenizer)
+        if _has_t5_files(t) or not (t / "vocab.json").is_file() and not (t / "tokenizer" / "vocab.json").is_file():
+            return T5Tokenizer.from_dir(t)  # (a folder with neither T5 nor CLIP files: from_dir says so)
+    if _has_t5_files(model_dir):
+        return T5Tokenizer.from_dir(model_dir)
+    if vocab_size is not None and vocab_size < SHIPPED_T5_VOCAB:
+        raise StreamexecError(
+            f"no T5 tokenizer in {model_dir}, and the T5 encoder's vocabulary ({vocab_size}) is smaller than the "
+            f"shipped T5 v1.1 tokenizer's {SHIPPED_T5_VOCAB}: pass --tokenizer DIR (a folder with tokenizer.json)"
+        )
+    return T5Tokenizer.from_dir(SHIPPED_T5_TOKENIZER)
+
+
+def _t5_pipeline(tok: Tokenizer) -> Tokenizer:
+    """The file's Unigram vocabulary and added tokens in the pipeline transformers' ``T5TokenizerFast``
+    (transformers 5) rebuilds around them: of the normalizers only SentencePiece's ``Precompiled`` charsmap,
+    then whitespace split and Metaspace (prepend always). The published T5 v1.1 ``tokenizer.json`` (FLUX's
+    ``tokenizer_2/``) carries an older pipeline (Metaspace alone after collapsing space runs) that keeps a
+    trailing space as a ``▁`` token and wraps special tokens typed in the prompt in ``▁``s; this one drops
+    whitespace as SentencePiece itself does."""
+    data = json.loads(tok.to_str())
+    norm = data.get("normalizer") or {}
+    parts = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    data["normalizer"] = next((n for n in parts if n.get("type") == "Precompiled"), None)
+    metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace]}
+    data["decoder"] = metaspace
+    return Tokenizer.from_str(json.dumps(data))

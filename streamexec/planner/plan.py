@@ -61,6 +61,7 @@ class Plan:
     steps: int | None
     components: dict[str, ComponentPlan] = field(default_factory=dict)
     created: str = ""
+    settings: dict = field(default_factory=dict)  # run settings recorded for `run` (sampler, cfg_scale, ...)
     path: Path | None = None
 
     @property
@@ -166,7 +167,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "created": plan.created,
         "checkpoint": {"root": plan.checkpoint_root, "variant": plan.variant, "files": plan.files},
         "run": {"height": plan.shape.height, "width": plan.shape.width, "batch": plan.shape.batch,
-                "text_len": plan.shape.text_len, "cfg": plan.shape.cfg, "steps": plan.steps},
+                "text_len": plan.shape.text_len, "cfg": plan.shape.cfg, "steps": plan.steps, **plan.settings},
         "memory": {"budget_bytes": plan.peak if plan.budget == "min" else plan.budget,
                    "baseline_bytes": plan.baseline, "peak_bytes": plan.peak,
                    "min_budget_bytes": plan.min_budget, "workers": plan.workers},
