@@ -9,7 +9,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from streamexec.weights.qtypes import QTYPES
+from streamexec.kernels.qtypes import QTYPES
 
 GT = gguf.GGMLQuantizationType
 # types gguf.quants can quantize (the K-quants it only dequantizes: random blocks instead)

@@ -62,7 +62,7 @@ def _dequant(rng: np.random.Generator) -> dict[str, np.ndarray]:
     scaled fp8) and one quantized linear."""
     from streamexec.kernels.dequant import PackedWeight
     from streamexec.kernels.linear import linear
-    from streamexec.weights.qtypes import NF4_LEVELS, QTYPES
+    from streamexec.kernels.qtypes import NF4_LEVELS, QTYPES
 
     out: dict[str, np.ndarray] = {}
     scales = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82],

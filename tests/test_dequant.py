@@ -15,8 +15,8 @@ from _quant_files import BNB_NF4, K_QUANTS, QUANTIZABLE, nf4_reference, random_b
 
 from streamexec.kernels.decode import decode_block_to_f32, decode_to_f32
 from streamexec.kernels.dequant import PackedWeight, check_weight
+from streamexec.kernels.qtypes import NF4_LEVELS, QTYPES
 from streamexec.weights.gguf_file import GGUFFile
-from streamexec.weights.qtypes import NF4_LEVELS, QTYPES
 
 GT = gguf.GGMLQuantizationType
 GGUF_BLOCK = [t for t in [*QUANTIZABLE, *K_QUANTS] if t != "BF16"]

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamexec.errors import CheckpointError
+from streamexec.kernels.qtypes import GGUF_TYPES
 from streamexec.weights.gguf_file import GGUFFile
-from streamexec.weights.qtypes import GGUF_TYPES
 
 GT = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType

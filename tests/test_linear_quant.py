@@ -12,7 +12,7 @@ from _quant_files import BNB_NF4, K_QUANTS, nf4_reference, random_blocks
 
 from streamexec.kernels.dequant import PackedWeight
 from streamexec.kernels.linear import gated_gelu, geglu, linear
-from streamexec.weights.qtypes import QTYPES, panel_bytes
+from streamexec.kernels.qtypes import QTYPES, panel_bytes
 
 GT = gguf.GGMLQuantizationType
 TAGS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", *K_QUANTS, "NF4", "F8_E4M3_SCALED"]

@@ -103,7 +103,7 @@ def packed_weight(tag: str, n: int, k: int, rng: np.random.Generator):
     """A random [n, k] block weight (random codes, finite modest scales): decode speed does not
     depend on the values, so no quantizer is needed."""
     from streamexec.kernels.dequant import PackedWeight
-    from streamexec.weights.qtypes import NF4_LEVELS, QTYPES
+    from streamexec.kernels.qtypes import NF4_LEVELS, QTYPES
 
     if tag == "NF4":
         codes = rng.integers(0, 256, n * k // 2, dtype=np.uint8)
@@ -121,7 +121,7 @@ def packed_weight(tag: str, n: int, k: int, rng: np.random.Generator):
 def bench_linear_quant(rows: list, quick: bool) -> None:
     """Quantized linear (panel dequantize + sgemm) vs numpy sgemm on the already-decoded weight."""
     from streamexec.kernels.linear import default_panel_rows, linear, linear_scratch_bytes
-    from streamexec.weights.qtypes import panel_bytes
+    from streamexec.kernels.qtypes import panel_bytes
 
     rng = np.random.default_rng(4)
     for label, m, k, n in QUANT_SHAPES[: QUICK["quant"] if quick else None]:

@@ -1,5 +1,5 @@
 """Dequantize block weights (GGUF Q*_0/Q*_1/K-quants, bitsandbytes NF4, ComfyUI scaled fp8) into
-f32 panels — the ``to_float`` half of ggml's ``type_traits`` (sizes: ``weights.qtypes``).
+f32 panels — the ``to_float`` half of ggml's ``type_traits`` (sizes: ``kernels.qtypes``).
 
 A weight [N, K] in a block type is a ``PackedWeight``: the stored bytes (zero-copy views of the
 mapped file) plus its side tensors (NF4 absmax and levels, the fp8 scale). Row slices are
@@ -46,7 +46,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from streamexec.kernels.decode import DECODE_TAGS, _e4m3_bits_ir, _f16_bits_ir, _to_i32, readonly_flat
-from streamexec.weights.qtypes import QTYPES
+from streamexec.kernels.qtypes import QTYPES
 
 __all__ = ["PackedWeight", "BLOCK_TAGS", "check_weight", "dequantize_rows"]
 

@@ -12,7 +12,7 @@ File layout (little-endian; ggml's ``gguf.cpp``)::
     padding to ``general.alignment`` (default 32), then the data section
 
 ``ne[0]`` is the innermost (contiguous) dimension, so the numpy shape is ``ne`` reversed; a row
-of ``ne[0]`` weights is stored as ``ne[0] / block`` blocks (``weights.qtypes``). ``offset`` is
+of ``ne[0]`` weights is stored as ``ne[0] / block`` blocks (``kernels.qtypes``). ``offset`` is
 relative to the data section and a multiple of the alignment.
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
+from ..kernels.qtypes import GGML_OTHER_NAMES, GGUF_TYPES, QType
 from .mapping import MappedFile
-from .qtypes import GGML_OTHER_NAMES, GGUF_TYPES, QType
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
