@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import streamexec
-import streamexec.runtime.process as process
+import streamexec.memlimit as memlimit
 from streamexec.errors import StreamexecError
 from streamexec.sizes import format_size, parse_budget, parse_size
 
@@ -20,7 +20,7 @@ AUTO = 300 << 20  # what auto_budget reports in these tests (the real one depend
 
 @pytest.fixture
 def fixed_auto(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(process, "auto_budget", lambda: AUTO)
+    monkeypatch.setattr(memlimit, "auto_budget", lambda: AUTO)
 
 
 def test_sizes() -> None:
