@@ -1,10 +1,12 @@
 """The one outside measurement of a child process's memory that every memory test uses (issue #14).
 
 The parent starts the child and reads ``/proc/<pid>/status`` every few milliseconds (VmRSS and
-VmHWM), then reaps it with ``wait4`` and adds the kernel's own ``ru_maxrss``. The result is the
-largest of all of these — a peak the child cannot hide: if it resets its VmHWM
-(``/proc/self/clear_refs``), the parent has already seen the older value, and it sees the reset
-itself (``hwm_decreased``). A spike shorter than the sampling interval that a reset then erases
+VmHWM) until it exits. The result is the largest of these — a peak the child cannot hide: if it
+resets its VmHWM (``/proc/self/clear_refs``), the parent has already seen the older value, and it
+sees the reset itself (``hwm_decreased``). The kernel's ``ru_maxrss`` from ``wait4`` is not used:
+it includes the peak of the memory image the child was forked from (``exec`` folds the old mm's
+high-water mark in), which is the whole pytest process (measured: 1.7 GiB for a 269 MiB child),
+and the peaks of the child's own children. A spike shorter than the sampling interval that a reset then erases
 is the one thing it can miss, which is why the tests also require ``hwm_decreased`` to be False.
 
 "Decreased" means by more than :data:`NOISE` (1 MiB): the kernel's RSS counters are per-CPU and
@@ -40,11 +42,21 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
-    peak: int  # max of every VmRSS/VmHWM sample and the kernel's ru_maxrss at exit
+    peak: int  # max of every VmRSS/VmHWM sample
     max_rss: int  # max VmRSS sample
     hwm_decreased: bool  # VmHWM went down between two samples: the child reset it
     samples: int
     seconds: float
+    timeline: list[tuple[float, int, int]]  # (time.monotonic(), VmRSS, VmHWM) of every sample
+
+    def window(self, t0: float, t1: float) -> tuple[int, bool]:
+        """(max VmRSS/VmHWM sampled, VmHWM decreased) between ``t0`` and ``t1`` (``time.monotonic()``
+        in the child: one clock for the whole machine), for a child that prints when its phases
+        start and end."""
+        seen = [(r, h) for t, r, h in self.timeline if t0 <= t <= t1]
+        hwms = [h for _, h in seen]
+        dec = any(b < a - NOISE for a, b in zip(hwms, hwms[1:]))
+        return max((max(r, h) for r, h in seen), default=0), dec
 
     def describe(self) -> str:
         return (f"outside peak {self.peak / MIB:.1f} MiB (max VmRSS sample {self.max_rss / MIB:.1f} MiB, "
@@ -84,29 +96,30 @@ def run_measured(argv: list[str], *, interval: float = 0.003, timeout: float = 9
         decreased = False
         n = 0
         status = 0
-        usage = None
+        timeline: list[tuple[float, int, int]] = []
         while True:
             s = _status(proc.pid)
             if s is not None:
                 rss, hwm = s
                 n += 1
+                timeline.append((time.monotonic(), rss, hwm))
                 decreased |= hwm < last_hwm - NOISE
                 last_hwm = max(last_hwm, hwm)
                 max_rss = max(max_rss, rss)
                 peak = max(peak, rss, hwm)
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() - t0 > timeout:
                 proc.kill()
-                _, status, usage = os.wait4(proc.pid, 0)
+                _, status, _ = os.wait4(proc.pid, 0)
                 break
             time.sleep(interval)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        peak = max(peak, usage.ru_maxrss * 1024)
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, out.read(), err.read(), peak, max_rss, decreased, n, time.monotonic() - t0)
+        return Measured(proc.returncode, out.read(), err.read(), peak, max_rss, decreased, n, time.monotonic() - t0,
+                        timeline)
 
 
 def guard_warnings(stderr: str) -> list[str]:

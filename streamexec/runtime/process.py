@@ -162,8 +162,8 @@ def _compiled_stamp(dtypes: set[str] | frozenset[str]):
         import llvmlite.binding as llvm
         import numba
 
-        key = [numba.__version__, sys.version, sorted(dtypes), os.environ.get("NUMBA_CPU_NAME", ""),
-               os.environ.get("NUMBA_CPU_FEATURES", ""), llvm.get_host_cpu_name()]
+        key = [numba.__version__, sys.version, sorted(dtypes), os.environ.get("NUMBA_CPU_FEATURES"),
+               os.environ.get("NUMBA_CPU_NAME") or llvm.get_host_cpu_name()]  # the CPU Numba compiles for
         for f in sorted(Path(linear.__file__).parent.glob("*.py")):
             st = f.stat()
             key.append((f.name, st.st_size, st.st_mtime_ns))
