@@ -13,6 +13,10 @@ is the one thing it can miss, which is why the tests also require ``hwm_decrease
 read approximately (Linux ≥ 6.2: ``percpu_counter_read``, off by up to 32 pages per CPU), so two
 readings of an untouched VmHWM can differ by a few hundred KiB (measured here: 128 KiB drops in
 a plain ``python -c 'import numpy'``). A reset that hides less than that hides nothing that matters.
+VmHWM also reads lower, with no reset, after the kernel reclaims pages a process maps (the
+high-water mark is only brought up to date lazily, on unmap and exit; /proc shows the larger of
+it and RSS now): seen inside a cgroup at its limit, where page cache is reclaimed — there
+:func:`assert_within` takes ``reclaim=True`` and relies on the samples' maximum alone.
 
     res = run_measured([sys.executable, "-m", "streamexec", "run", ...], env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr
@@ -128,10 +132,11 @@ def guard_warnings(stderr: str) -> list[str]:
             or "exceeded the budget" in line]
 
 
-def assert_within(res: Measured, budget: int, what: str = "") -> None:
-    """The usual memory assertion: exit 0, outside peak ≤ ``budget``, VmHWM never reset, and no
-    guard warning (the run did not need the guard to stay inside)."""
+def assert_within(res: Measured, budget: int, what: str = "", *, reclaim: bool = False) -> None:
+    """The usual memory assertion: exit 0, outside peak ≤ ``budget``, VmHWM never reset (unless
+    ``reclaim``: the child ran under memory pressure, see the module docstring), and no guard
+    warning (the run did not need the guard to stay inside)."""
     assert res.returncode == 0, res.stderr[-3000:]
-    assert not res.hwm_decreased, f"{what}: the child reset its VmHWM ({res.describe()})"
+    assert reclaim or not res.hwm_decreased, f"{what}: the child reset its VmHWM ({res.describe()})"
     assert not guard_warnings(res.stderr), guard_warnings(res.stderr)
     assert res.peak <= budget, f"{what}: {res.describe()} over the budget {budget / MIB:.1f} MiB"
