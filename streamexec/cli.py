@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--latents-in", help="initial latents (.npy), as diffusers' latents= argument")
     r.add_argument("--latents-out", help="write the final latents (.npy)")
     r.add_argument("--resume", action="store_true", help="continue from --latents-out checkpoints")
-    r.add_argument("--trace", help="write a per-op trace (JSON)")
+    r.add_argument("--trace", help="write a per-op trace (JSON); its per-op peak windows reset the process's VmHWM, "
+                   "so tools outside (time -v) then see less than the peak the summary line reports")
     r.add_argument("--scratch-dir", help="where activations that do not fit are spilled (default: the temp folder)")
     r.add_argument(
         "--strict", action="store_true",

@@ -110,8 +110,45 @@ def avx_instructions() -> dict[str, list[str]]:
     return found
 
 
+def openblas_core() -> str:
+    """The kernel family numpy's OpenBLAS chose at load time (``openblas_get_corename``), or ""."""
+    import ctypes
+    import os
+
+    paths = [line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.rsplit("/", 1)[-1].lower()]
+    libdir = os.path.dirname(np.__file__) + ".libs"
+    if os.path.isdir(libdir):
+        paths += [os.path.join(libdir, f) for f in sorted(os.listdir(libdir)) if "openblas" in f.lower()]
+    for path in dict.fromkeys(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+                     "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return ""
+
+
+def demo_unet() -> dict[str, np.ndarray]:
+    """The demo model's UNet (random weights, SD 1.5 architecture) on seeded inputs, through
+    the planned executor as ``streamexec run`` runs it."""
+    import streamexec
+    from streamexec.pipelines.demo import ensure_demo_model
+
+    m = streamexec.load(ensure_demo_model() / "unet", memory_budget="512M")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
+    c = rng.standard_normal((2, 7, 64)).astype(np.float32)
+    return {"unet": m(x, np.array([801.0, 801.0], np.float32), c)}
+
+
 if __name__ == "__main__":
-    np.savez(sys.argv[1], **compute())
+    np.savez(sys.argv[1], **(demo_unet() if "--unet" in sys.argv[2:] else compute()))
+    print(f"openblas core: {openblas_core()}")
     if "--scan" in sys.argv[2:]:
         bad = avx_instructions()
         for k, v in bad.items():

@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from outside_memory import run_measured
 
 from streamexec.weights.checkpoint import open_checkpoint
 
@@ -466,19 +466,13 @@ def test_help_has_examples() -> None:
 # ------------------------------------------------------------------------------------- memory
 
 
-RSS_WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "r = subprocess.run(sys.argv[1:])\n"
-    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-)
-
-
 def _peak_rss_kib(argv: list[str]) -> int:
-    """Peak RSS (VmHWM, from the kernel's rusage) of a child process."""
-    res = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *argv], capture_output=True, text=True, check=True)
-    rc, kib = res.stdout.split()
-    assert rc == "0", res.stderr
-    return int(kib)
+    """Peak RSS of a child process in KiB, sampled from outside (``tests/outside_memory.py``)."""
+    res = run_measured(argv)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not res.hwm_decreased
+    print(f"{Path(argv[1]).name if len(argv) > 1 else argv[0]}: {res.describe()}")
+    return res.peak // 1024
 
 
 @pytest.mark.slow

@@ -11,21 +11,56 @@ the part the array fully covers is advised as huge pages. The tail past the last
 2 MiB stays in 4 KiB pages, so RSS is what the array touches, as before (no rounding up).
 
 Freed like any array: the map is unmapped when the last view of it goes away.
+
+tracemalloc does not see these maps (numpy's allocator never made them), so this module counts
+them itself: :func:`mapped_bytes` (the arrays alive now) and :func:`mapped_peak` (the most
+alive at once since :func:`reset_mapped_peak`), by the bytes of the arrays (the pages they can
+touch), for tests that bound a kernel's scratch.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
+import weakref
 
 import numpy as np
 
-__all__ = ["empty"]
+__all__ = ["empty", "mapped_bytes", "mapped_peak", "reset_mapped_peak"]
 
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 #: STREAMEXEC_HUGEPAGES=0 turns this off (plain np.empty), e.g. where THP compaction stalls.
 _ENABLED = os.environ.get("STREAMEXEC_HUGEPAGES", "1") != "0"
+
+_lock = threading.Lock()
+_live = 0
+_peak = 0
+
+
+def _count(delta: int) -> None:
+    global _live, _peak
+    with _lock:
+        _live += delta
+        _peak = max(_peak, _live)
+
+
+def mapped_bytes() -> int:
+    """Bytes of the arrays :func:`empty` made from their own maps that are alive now."""
+    return _live
+
+
+def mapped_peak() -> int:
+    """The most bytes of such arrays alive at once since the last :func:`reset_mapped_peak`."""
+    return _peak
+
+
+def reset_mapped_peak() -> None:
+    """Start :func:`mapped_peak` again from what is alive now."""
+    global _peak
+    with _lock:
+        _peak = _live
 
 
 def empty(shape: int | tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -44,4 +79,6 @@ def empty(shape: int | tuple[int, ...], dtype=np.float32) -> np.ndarray:
         mm.madvise(_MADV_HUGEPAGE, 0, whole)
     except (OSError, ValueError):  # no THP / no such advice: a plain array
         return np.empty(shp, dt)
+    _count(nbytes)
+    weakref.finalize(mm, _count, -nbytes)  # the map goes when the last view of it does
     return np.frombuffer(mm, dtype=dt, count=count).reshape(shp)

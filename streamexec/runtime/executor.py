@@ -41,6 +41,13 @@ class OpRecord:
     planned_bytes: int
 
 
+def _reset_noted() -> bool:
+    """Reset VmHWM for ``--trace``'s per-op windows, noting the peak so far first (the process
+    peak is never lost; only tracing resets VmHWM)."""
+    note_peak(peak_rss())
+    return reset_peak_rss()
+
+
 class Executor:
     """Runs ``graph`` with weights from ``store`` under ``schedule``.
 
@@ -76,7 +83,7 @@ class Executor:
         self._unit_weights = [
             sorted({k for i in unit for k in graph.ops[i].weights.values()}) for unit in self.schedule.units
         ]
-        self._can_reset_peak = trace and reset_peak_rss()
+        self._can_reset_peak = trace and _reset_noted()
 
     def _liveness(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -127,10 +134,10 @@ class Executor:
         tune_malloc()
         env = self._check_feeds(feeds)
         store = self.store
-        spills = SpillStore(self.scratch_dir) if (self.schedule.spill_after or self.schedule.disk_out) else None
-        if self.budget is not None:
+        if self.budget is not None:  # first: with ``strict`` an older peak over the budget stops here
             self._guard = BudgetGuard(self.budget, strict=self.strict, model=self.graph.model)
             self.guard_events = self._guard.events
+        spills = SpillStore(self.scratch_dir) if (self.schedule.spill_after or self.schedule.disk_out) else None
         if self.schedule.units and self.schedule.prefetch_mode(0) != "none":
             store.prefetch(self._unit_weights[0])  # the first unit: nothing to overlap with yet
         try:
@@ -249,7 +256,7 @@ class Executor:
         rss, hwm = g.sampler.sample()
         if window:
             self.records[-1].peak_rss = hwm
-        verdict = g.check(hwm, self.schedule.planned_bytes.get(i, 0))
+        verdict = g.check(hwm, self.schedule.planned_bytes.get(i, 0), rss)
         if verdict is not None:
             op = self.graph.ops[i]
             planned = self.schedule.planned_bytes.get(i, 0)
@@ -260,8 +267,6 @@ class Executor:
                 g.log(GuardEvent(i, op.name, op.kind, u, hwm, rss, g.limit, planned, verdict, action, detail))
                 g.hold_until_unit = u + 1
                 malloc_trim()
-            if verdict == "over" and not window:
-                g.rebase(hwm)  # so that the next overshoot shows too
         if window:
             note_peak(hwm)
             reset_peak_rss()

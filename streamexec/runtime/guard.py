@@ -4,14 +4,14 @@ memory budget the planner fitted the run into — and what it does when it does 
 The planner's numbers are estimates (a baseline measured once, kernel scratch formulas, a 24 MiB
 safety margin for what it cannot see). When they are wrong the run would silently exceed the
 budget the user named. So after every op the executor samples the process (one ``pread`` of
-``/proc/self/status``: VmRSS now and VmHWM, the peak since start or since the last reset, so a
-spike inside the op counts too) and compares with the budget:
+``/proc/self/status``: VmRSS now and VmHWM, the peak since the process started, so a spike inside
+the op counts too) and compares with the budget:
 
-* **cheap path**: VmHWM did not grow since the last sample — nothing new happened, done;
-* **over**: VmHWM is above the budget. ``strict`` raises :class:`BudgetExceeded` (one line: the
-  op and its kind, the measured peak and RSS, the budget and the planner's estimate for that op);
-  otherwise the executor adapts (below), logs one line with ``warnings.warn`` and resets VmHWM
-  (after noting the peak in :func:`process_peak`) so that the next overshoot is seen too;
+* **cheap path**: VmHWM did not grow and RSS is inside the budget — nothing new happened, done;
+* **over**: VmHWM grew above the budget, or RSS after the op is above it. ``strict`` raises
+  :class:`BudgetExceeded` (one line: the op and its kind, the measured peak and RSS, the budget
+  and the planner's estimate for that op); otherwise the executor adapts (below) and logs one
+  line with ``warnings.warn``;
 * **near**: VmHWM grew to within :data:`HEADROOM` of the budget *and* above what the planner
   charged for this op — the estimate was wrong and the budget is about to break: adapt (never an
   error, even with ``strict``). A correct plan stays under its own per-op estimate, so it never
@@ -35,6 +35,13 @@ inside the unit where the last adaptation was made does not escalate again (it h
 effect yet). Outputs stay equal up to float reassociation (attention tiles change the order of
 the online-softmax sums).
 
+The guard never resets VmHWM (issue #14): VmHWM is what ``/usr/bin/time``, ``getrusage`` and a
+user's ``grep VmHWM /proc/PID/status`` read, and erasing a peak would hide it from all of them.
+A peak already above the budget when a run starts (imports, JIT compilation, an earlier call) is
+reported, not erased: one warning per process, or :class:`BudgetExceeded` with ``strict``. Only
+the per-op windows of ``--trace`` reset VmHWM (``runtime/executor.py``, which notes the peak in
+:func:`process_peak` first, and the CLI says so).
+
 Which budgets are guarded is the caller's call (``api.StreamedModel._guard_limit``): byte budgets
 and ``"min"`` (the planner's own smallest peak) when the baseline is this process's. The adapted
 schedule — with the unit that overshot split one op per unit too — is kept for the model's next
@@ -53,7 +60,7 @@ from typing import Protocol
 
 from ..errors import BudgetError
 from ..sizes import format_size
-from .process import peak_rss, reset_peak_rss
+from .process import peak_rss
 
 _MIB = 1 << 20
 
@@ -62,18 +69,20 @@ _MIB = 1 << 20
 HEADROOM = 8 * _MIB
 
 _observed_peak = 0
+_older_peak_reported = False
 
 
 def note_peak(value: int) -> None:
-    """Remember a VmHWM reading before VmHWM is reset, so the process peak is not lost."""
+    """Remember a VmHWM reading before VmHWM is reset (``--trace`` windows only), so the process
+    peak is not lost."""
     global _observed_peak
     if value > _observed_peak:
         _observed_peak = value
 
 
 def process_peak() -> int:
-    """The peak RSS of this process so far: VmHWM, or a larger one read before a reset (the guard
-    and the per-op trace windows reset VmHWM)."""
+    """The peak RSS of this process so far: VmHWM, or a larger one read before a reset (only the
+    per-op trace windows reset VmHWM)."""
     return max(_observed_peak, peak_rss())
 
 
@@ -152,23 +161,34 @@ class BudgetGuard:
         self.exhausted = False
         self.hold_until_unit = -1  # no new escalation before this unit starts
         _, self.prev_hwm = self.sampler.sample()
-        if self.prev_hwm > self.limit:  # an older peak (before this run) is not this run's
-            self.rebase(self.prev_hwm)
+        older = max(self.prev_hwm, _observed_peak)
+        if older > self.limit:
+            self.older_peak(older)
 
-    def rebase(self, hwm: int) -> None:
-        """Note ``hwm`` as seen and reset VmHWM, so the next reading is the peak since now."""
-        note_peak(hwm)
-        if reset_peak_rss():
-            self.prev_hwm = self.sampler.sample()[1]
+    def older_peak(self, hwm: int) -> None:
+        """The process went over the budget before this run (start-up, JIT compilation, an
+        earlier call): the peak stays what it was (never reset); ``strict`` stops here, else one
+        warning per process says so."""
+        global _older_peak_reported
+        what = (f"peak RSS {format_size(hwm)} over the budget {format_size(self.limit)} before {self.model} ran "
+                f"(start-up, imports, JIT compilation or an earlier call)")
+        if self.strict:
+            self.events.append(GuardEvent(-1, "", "", -1, hwm, 0, self.limit, 0, "over", "abort", what))
+            raise BudgetExceeded(f"strict memory budget: {what}")
+        if not _older_peak_reported:
+            _older_peak_reported = True
+            warnings.warn(f"budget guard: {what}; it stays the process peak", RuntimeWarning, stacklevel=4)
 
     def was_reset(self, rss: int) -> None:
         """VmHWM was reset by someone else (the trace's per-op windows) at RSS ``rss``."""
         self.prev_hwm = rss
 
-    def check(self, hwm: int, planned: int) -> str | None:
-        """"over", "near" or None for a sample taken right after an op (see the module docstring)."""
+    def check(self, hwm: int, planned: int, rss: int = 0) -> str | None:
+        """"over", "near" or None for a sample taken right after an op (see the module docstring).
+        VmHWM is never reset, so after a first overshoot a later one shows as a new maximum of
+        VmHWM or as RSS above the budget after the op."""
         if hwm <= self.prev_hwm:
-            return None
+            return "over" if rss > self.limit else None
         self.prev_hwm = hwm
         if hwm > self.limit:
             return "over"
@@ -184,7 +204,10 @@ class BudgetGuard:
         raise BudgetExceeded(msg)
 
     def log(self, event: GuardEvent) -> None:
+        global _older_peak_reported
         self.events.append(event)
+        if event.trigger == "over":  # said once: the next calls do not repeat it as an older peak
+            _older_peak_reported = True
         where = "over" if event.trigger == "over" else f"within {format_size(HEADROOM)} of"
         warnings.warn(
             f"budget guard: peak RSS {format_size(event.peak_rss)} {where} the budget {format_size(event.budget)} "
