@@ -254,3 +254,11 @@ def flux_folder(root: Path, dev: bool) -> Path:
     folder = root / ("tiny-flux-dev" if dev else "tiny-flux-schnell")
     pipe.save_pretrained(folder)
     return folder
+
+
+#: Half FLUX.1's width, 1 double + 4 single blocks (462 MiB of bf16 weights): the FLUX slice that
+#: test_budget.py and test_cgroup.py run under ``FLUX_BUDGET``.
+FLUX_MID = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=4, attention_head_dim=128,
+                num_attention_heads=12, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+FLUX_BUDGET = 300 << 20

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import UNET_CONFIGS, VAE_CONFIGS, randomize, rel_err
+from helpers import FLUX_BUDGET, FLUX_MID, UNET_CONFIGS, VAE_CONFIGS, randomize, rel_err
 from outside_memory import assert_within, guard_warnings, run_measured
 
 import streamexec
@@ -314,10 +314,6 @@ def test_subprocess_vae_decode_with_feature_maps_on_disk(tmp_path: Path) -> None
     assert list(scratch.iterdir()) == []
 
 
-FLUX_MID = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=4, attention_head_dim=128,
-                num_attention_heads=12, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-FLUX_BUDGET = 300 * MiB
 
 FLUX_RUNNER = r"""
 import json, sys

@@ -160,7 +160,7 @@ def test_flux_slice_inside_a_cgroup_limited_to_the_budget(env: dict, tmp_path: P
     bf16 weights) under a 300 MiB budget, inside a group limited to it."""
     torch = pytest.importorskip("torch")
     from diffusers import FluxPipeline, FluxTransformer2DModel
-    from test_budget import FLUX_BUDGET, FLUX_MID
+    from helpers import FLUX_BUDGET, FLUX_MID
 
     torch.manual_seed(0)
     FluxTransformer2DModel(**FLUX_MID).eval().to(torch.bfloat16).save_pretrained(tmp_path / "transformer")

@@ -205,3 +205,18 @@ def test_detects_a_cycle_and_an_upward_import() -> None:
     g["streamexec.planner.schedule"].add("streamexec.runtime.executor")
     assert any({"streamexec.planner.schedule", "streamexec.runtime.executor"} <= set(c) for c in _cycles(g))
     assert "streamexec.planner.schedule (planner) imports streamexec.runtime.executor (runtime)" in _upward(g)
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in helper modules (``helpers.py``, ``outside_memory.py`` …), never in a
+    ``test_*.py`` that another test imports (issue 13)."""
+    bad = []
+    for path in sorted((PKG.parent / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            bad += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not bad, "\n".join(bad)
