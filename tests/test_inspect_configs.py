@@ -22,6 +22,7 @@ from streamexec.cli import main
 from streamexec.configs import REFERENCE_DIR
 from streamexec.models.shapes import config_shapes
 from streamexec.planner import per_image
+from streamexec.planner.memory import WeightMeta
 from streamexec.planner.noweights import plan_from_configs, presets
 from streamexec.planner.plan import plan_to_dict
 
@@ -210,3 +211,22 @@ def test_plan_on_a_folder_without_weights_says_so(tmp_path: Path, capsys) -> Non
     assert not (tmp_path / "p.yaml").exists()
     assert main(["inspect", str(folder), "--height", "256", "--width", "256"]) == 0
     assert "== unet" in capsys.readouterr().out
+
+
+def test_smallest_budget_never_exceeds_a_planned_peak() -> None:
+    """The demo VAE's smallest-footprint walk peaks higher than a schedule fitted to 512 MiB (the
+    plan summary said 193 MiB planned but 200 MiB smallest); the smallest budget is now the lower
+    one, and a plan at that budget fits."""
+    from streamexec.planner.fit import fit_schedule
+
+    plan = plan_from_configs("demo", components=["vae"], dtype="f16")
+    graph = plan.components["vae"].graph
+    table = {k: WeightMeta(s, "F16", prod(s) * 2) for k, s in config_shapes("vae", _demo_vae()).items()}
+    fit = fit_schedule(graph, table, 512 << 20, plan.baseline)
+    assert fit.min_budget <= fit.peak
+    small = -(-fit.min_budget // (1 << 20)) << 20
+    assert fit_schedule(graph, table, small, plan.baseline).peak <= small
+
+
+def _demo_vae() -> dict:
+    return _cfg("demo/vae")
