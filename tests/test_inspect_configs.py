@@ -230,3 +230,27 @@ def test_smallest_budget_never_exceeds_a_planned_peak() -> None:
 
 def _demo_vae() -> dict:
     return _cfg("demo/vae")
+
+
+def test_sdxl_like_unet_and_projected_clip_shapes() -> None:
+    """The SDXL-style parts (size/crop conditioning embedding, per-level transformer depth, a
+    projected second CLIP) as the libraries build them — small widths, real structure."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64, 64], "layers_per_block": 2,
+           "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+           "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+           "transformer_layers_per_block": [1, 2, 3], "cross_attention_dim": 48, "attention_head_dim": [2, 4, 8],
+           "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+           "projection_class_embeddings_input_dim": 80, "norm_num_groups": 16}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+        clip_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  projection_dim=24, vocab_size=100, max_position_embeddings=77)
+        clip = CLIPTextModelWithProjection(clip_cfg)
+    assert config_shapes("unet", cfg) == _state_shapes(unet)
+    want = {("text_model." + k if not k.startswith(("text_model.", "text_projection")) else k): tuple(v.shape)
+            for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+    got = config_shapes("text_encoder_2", {**clip_cfg.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
+    assert got == want

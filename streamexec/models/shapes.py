@@ -81,6 +81,9 @@ def unet_shapes(cfg: dict) -> Shapes:
     _conv(out, "conv_in", c0, cfg.get("in_channels", 4), cfg.get("conv_in_kernel", 3))
     _lin(out, "time_embedding.linear_1", temb, c0)
     _lin(out, "time_embedding.linear_2", temb, temb)
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + size/crop conditioning
+        _lin(out, "add_embedding.linear_1", temb, cfg["projection_class_embeddings_input_dim"])
+        _lin(out, "add_embedding.linear_2", temb, temb)
     skips, ch = [c0], c0
     for i, cout in enumerate(chans):
         for j in range(layers[i]):
@@ -169,6 +172,8 @@ def clip_shapes(cfg: dict) -> Shapes:
         _lin(out, f"{p}.mlp.fc2", d, inter)
         _norm(out, f"{p}.layer_norm2", d)
     _norm(out, "text_model.final_layer_norm", d)
+    if cfg.get("projection_dim") and "WithProjection" in _class(cfg):
+        out["text_projection.weight"] = (cfg["projection_dim"], d)
     return out
 
 
@@ -236,19 +241,31 @@ def flux_shapes(cfg: dict) -> Shapes:
     return out
 
 
+#: model class (diffusers ``_class_name``, transformers ``architectures[0]``) -> its shapes.
 SHAPERS: dict[str, Callable[[dict], Shapes]] = {
-    "unet": unet_shapes, "vae": vae_shapes, "text_encoder": clip_shapes, "text_encoder_2": t5_shapes,
-    "transformer": flux_shapes,
+    "UNet2DConditionModel": unet_shapes, "AutoencoderKL": vae_shapes, "CLIPTextModel": clip_shapes,
+    "CLIPTextModelWithProjection": clip_shapes, "T5EncoderModel": t5_shapes, "FluxTransformer2DModel": flux_shapes,
 }
+#: a config that names no class: the class the component of that name usually is.
+BY_COMPONENT = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+                "text_encoder_2": "T5EncoderModel", "transformer": "FluxTransformer2DModel"}
+
+
+def _class(cfg: dict) -> str:
+    archs = cfg.get("architectures")
+    return str(cfg.get("_class_name") or (archs[0] if isinstance(archs, list) and archs else ""))
 
 
 def config_shapes(component: str, config: dict, where: str = "config") -> Shapes:
-    """Every weight of ``component`` as its config describes it; a config missing a field the
-    shapes need, or holding a wrong type, is a one-line ``StreamexecError``."""
-    if component not in SHAPERS:
-        raise StreamexecError(f"{where}: no weight shapes known for component {component!r}")
+    """Every weight of ``component`` as its config describes it (by the config's model class, else
+    the component's usual one); a config missing a field the shapes need, or holding a wrong
+    type, is a one-line ``StreamexecError``."""
+    cls = _class(config) or BY_COMPONENT.get(component, "")
+    if cls not in SHAPERS:
+        raise StreamexecError(f"{where}: no weight shapes known for model class {cls or component!r} "
+                              f"(known: {', '.join(SHAPERS)})")
     try:
-        shapes = SHAPERS[component](config)
+        shapes = SHAPERS[cls](config)
     except KeyError as e:
         raise StreamexecError(f"{where}: config has no {e.args[0]!r}, which {component} needs") from None
     except (TypeError, ValueError, AttributeError) as e:
