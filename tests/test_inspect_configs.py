@@ -132,6 +132,7 @@ def test_sd15_gemms_and_bytes_match_the_meta_model(sd_plan: dict) -> None:
     s = per_image.summarize(sd_plan)
     u = s["components"]["unet"]
     assert s["steps"] == 25 and u["calls_per_image"] == 25 and u["batch_per_call"] == 2
+    assert u["evaluations_per_image"] == 50 and s["components"]["text_encoder"]["evaluations_per_image"] == 2
     assert u["gflop_per_image"] == pytest.approx(25 * u["gflop_per_call"])
     assert s["components"]["text_encoder"]["calls_per_image"] == 1
     assert sum(u["flop_share"].values()) == pytest.approx(1.0)

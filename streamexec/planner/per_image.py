@@ -1,9 +1,9 @@
 """What one image costs, from a plan's own numbers: per component and for the whole image, the
-calls per image (the denoiser once per step — with classifier-free guidance each call carries
-the prompt and the negative prompt, two evaluations —, text encoders and VAE once), GFLOP per
-call and per image, weight bytes streamed per image, the FLOP share by op kind, the largest
-GEMMs as M×N×K with what they are (also as the fused products BFL's files store), and the
-FLOP-weighted median M, N and K: "how big are the real matrices"."""
+calls per image (the denoiser once per step, text encoders and VAE once) and evaluations per
+image (with classifier-free guidance each UNet/CLIP call carries the prompt and the negative
+prompt: UNet × steps × 2), GFLOP per call and per image, weight bytes streamed per image, the
+FLOP share by op kind, the largest GEMMs as M×N×K with what they are (also as the fused products
+BFL's files store), and the FLOP-weighted median M, N and K: "how big are the real matrices"."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def component_summary(name: str, c: dict, steps: int, images: int) -> dict:
             merged[key] = {"count": merged.get(key, {"count": 0})["count"] + 1}
     return {
         "component": name, "model": c.get("model"), "calls_per_image": per_image,
-        "batch_per_call": _batch(c),
+        "batch_per_call": _batch(c), "evaluations_per_image": per_image * _batch(c),
         "gflop_per_call": flops / 1e9, "gflop_per_image": flops * per_image / 1e9,
         "weight_bytes_per_call": wbytes, "weight_bytes_per_image": wbytes * per_image,
         "flop_share": {k: v / flops for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])} if flops else {},
@@ -149,15 +149,16 @@ def text(s: dict) -> str:
     steps = f"{s['steps']} steps" + ("" if s["steps_recorded"] else " (the pipeline's default; --steps to change)")
     cfg = ", classifier-free guidance (each denoiser call evaluates prompt and negative prompt)" if s["cfg"] else ""
     lines = [f"per image at {s['width']}x{s['height']}, {steps}{cfg}",
-             f"{'component':<15} {'calls/image':>11} {'GFLOP/call':>11} {'GFLOP/image':>12} {'weights/image':>14}"
-             f"  typical MxNxK (FLOP-weighted median)"]
+             f"{'component':<15} {'calls/image':>11} {'evals/image':>11} {'GFLOP/call':>11} {'GFLOP/image':>12} "
+             f"{'weights/image':>14}  typical MxNxK (FLOP-weighted median)"]
     for n, c in s["components"].items():
         t = c["typical_mnk"]
-        lines.append(f"{n:<15} {c['calls_per_image']:>11g} {c['gflop_per_call']:>11.1f} {c['gflop_per_image']:>12.1f} "
+        lines.append(f"{n:<15} {c['calls_per_image']:>11g} {c['evaluations_per_image']:>11g} "
+                     f"{c['gflop_per_call']:>11.1f} {c['gflop_per_image']:>12.1f} "
                      f"{format_size(c['weight_bytes_per_image']):>14}  {'x'.join(map(str, t)) if t else '-'}")
     w = s["image"]
     t = w["typical_mnk"]
-    lines.append(f"{'whole image':<15} {'':>11} {'':>11} {w['gflop_per_image']:>12.1f} "
+    lines.append(f"{'whole image':<15} {'':>11} {'':>11} {'':>11} {w['gflop_per_image']:>12.1f} "
                  f"{format_size(w['weight_bytes_per_image']):>14}  {'x'.join(map(str, t)) if t else '-'}")
     lines.append(f"FLOP share, whole image: {_share(w['flop_share'])}")
     for n, c in s["components"].items():
