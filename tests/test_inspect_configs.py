@@ -153,7 +153,7 @@ def test_cli_flux_schnell_1024x512_without_weights(tmp_path: Path, env: dict) ->
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.index("per image at 1024x512") < out.index("== transformer")
-    assert "2304 x  21504 x   3072" in out and "no weight files" in out
+    assert "2304 x  21504 x   3072" in out and "no weights read" in out
 
 
 def test_cli_json_scale_table_and_charts(tmp_path: Path, capsys) -> None:

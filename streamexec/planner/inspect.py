@@ -91,7 +91,7 @@ def table(plan: dict) -> str:
     lines.append(f"plan for {plan['checkpoint']['root']}  ({run['width']}x{run['height']}, batch {run['batch']})")
     assumed = plan["checkpoint"].get("assumed_dtypes")
     if assumed:
-        lines.append("no weight files: shapes from the configs, stored as "
+        lines.append("no weights read: shapes from the configs, stored as "
                      + ", ".join(f"{n} {t}" for n, t in assumed.items())
                      + "; the process baseline is assumed, not measured")
     lines.append(f"budget {format_size(budget) if budget else 'none'}   planned peak {format_size(mem['peak_bytes'])}"
