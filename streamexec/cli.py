@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD guidance scale; <= 1 plans without classifier-free guidance (presets/configs)")
     i.add_argument("--dtype", default=None, help="stored weight dtype to assume: f32, f16, bf16, fp8 "
                    "(presets/configs; default: the model's published one)")
+    i.add_argument("--component", action="append",
+                   help="component(s) to show (presets/configs; repeatable; default: all)")
     i.add_argument("--scale-table", action="store_true",
                    help="also the per-image numbers at twice the width and height, and how they scale "
                    "(presets/configs)")
@@ -233,7 +235,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if configs_only:
         plan = _plan_without_weights(args)
     else:
-        given = [f"--{k.replace('_', '-')}" for k in ("height", "width", "steps", "cfg_scale", "dtype")
+        given = [f"--{k.replace('_', '-')}" for k in ("height", "width", "steps", "cfg_scale", "dtype", "component")
                  if getattr(args, k) is not None] + (["--batch"] if args.batch != 1 else []) + \
                 (["--scale-table"] if args.scale_table else [])
         if given:
@@ -280,7 +282,7 @@ def _plan_without_weights(args: argparse.Namespace, scale: int = 1) -> dict:
             raise StreamexecError(f"--{flag} must be at least 1 (got {v})")
     cfg = None if args.cfg_scale is None else args.cfg_scale > 1
     plan = plan_from_configs(args.plan, steps=args.steps, dtype=args.dtype, batch=args.batch, cfg=cfg,
-                             height=args.height, width=args.width, scale=scale)
+                             height=args.height, width=args.width, scale=scale, components=args.component)
     d = plan_to_dict(plan)
     d["checkpoint"]["assumed_dtypes"] = {n: c.graph.config["_assumed_dtype"] for n, c in plan.components.items()}
     return d

@@ -212,6 +212,10 @@ def test_plan_on_a_folder_without_weights_says_so(tmp_path: Path, capsys) -> Non
     assert not (tmp_path / "p.yaml").exists()
     assert main(["inspect", str(folder), "--height", "256", "--width", "256"]) == 0
     assert "== unet" in capsys.readouterr().out
+    assert main(["inspect", "flux-dev", "--component", "transformer", "--height", "256", "--width", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "== transformer" in out and "== vae" not in out and "28 steps" in out  # dev's default
+    assert "no component 'unet'" in _one_line_error(["inspect", "flux-dev", "--component", "unet"], capsys)
 
 
 def test_smallest_budget_never_exceeds_a_planned_peak() -> None:
