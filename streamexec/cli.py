@@ -127,13 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser(
         "inspect",
-        help="show a plan: per-layer matrices, FLOPs, bytes, memory timeline",
-        description="Per-layer table of a plan (op, shapes, MxNxK, GFLOPs, weight/activation MiB, "
-        "resident MiB, spills), totals, and a memory-timeline chart.",
+        help="show a plan, or a model's matrices without weights: per-image summary, per-layer table",
+        description="Per-image summary (calls, GFLOP, weight bytes streamed, FLOP share by op kind, the "
+        "largest GEMMs as MxNxK) and per-layer table (op, shapes, MxNxK, GFLOPs, weight/activation MiB, "
+        "resident MiB, spills) of a plan. SOURCE is plan.yaml, a preset shipped with streamexec (sd15, "
+        "flux-schnell, flux-dev, ...) or a diffusers folder with config.json files and no weights: then the "
+        "plan is made from the configs alone, weights assumed in their published dtype (--dtype).",
     )
-    i.add_argument("plan", metavar="PLAN", help="plan.yaml")
+    i.add_argument("plan", metavar="SOURCE", help="plan.yaml, a preset name, or a folder of configs")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    i.add_argument("--chart", metavar="PNG", help="write a memory-timeline chart")
+    i.add_argument("--chart", metavar="PNG",
+                   help="write the charts instead of printing: PNG (memory timeline) and PNG with -work "
+                   "before the suffix (GFLOP and weight MiB per layer)")
+    i.add_argument("--height", type=int, default=None, help="image height (presets/configs; default: the model's)")
+    i.add_argument("--width", type=int, default=None, help="image width (presets/configs; default: the model's)")
+    i.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    i.add_argument("--batch", type=int, default=1, help="images per prompt (presets/configs)")
+    i.add_argument("--cfg-scale", type=float, default=None,
+                   help="SD guidance scale; <= 1 plans without classifier-free guidance (presets/configs)")
+    i.add_argument("--dtype", default=None, help="stored weight dtype to assume: f32, f16, bf16, fp8 "
+                   "(presets/configs; default: the model's published one)")
+    i.add_argument("--component", action="append",
+                   help="component(s) to show (presets/configs; repeatable; default: all)")
+    i.add_argument("--scale-table", action="store_true",
+                   help="also the per-image numbers at twice the width and height, and how they scale "
+                   "(presets/configs)")
     _add_common(i)
     return parser
 
@@ -209,17 +227,40 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .planner import inspect
+    from pathlib import Path
+
+    from .planner import inspect, per_image
     from .planner.plan import read_plan_dict
 
-    plan = read_plan_dict(args.plan)
+    configs_only = not Path(args.plan).is_file()
+    if configs_only:
+        plan = _plan_without_weights(args)
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in ("height", "width", "steps", "cfg_scale", "dtype", "component")
+                 if getattr(args, k) is not None] + (["--batch"] if args.batch != 1 else []) + \
+                (["--scale-table"] if args.scale_table else [])
+        if given:
+            raise PlanError(f"{given[0]} is for a preset or a folder of configs; {args.plan} is a plan, made "
+                            "for its own sizes ('streamexec plan' makes another)")
+        plan = read_plan_dict(args.plan)
     if plan.get("template"):
         raise PlanError(f"{args.plan} is a plan template (it names no model, so it has no layers to show); "
                         f"'streamexec plan MODEL -o plan.yaml' writes a full plan for your files")
     try:
         if args.chart:
-            inspect.chart(plan, args.chart)
-        out = inspect.to_json(plan) if args.json else inspect.table(plan)
+            paths = inspect.charts(plan, args.chart)
+            print("wrote " + ", ".join(str(p) for p in paths))
+            return 0
+        summary = per_image.summarize(plan)
+        scaled = None
+        if args.scale_table:
+            big = _plan_without_weights(args, scale=2)
+            scaled = per_image.summarize(big)
+        if args.json:
+            out = inspect.to_json(plan, summary, scaled)
+        else:
+            out = "\n\n".join([per_image.text(summary)] + ([per_image.scale_text(summary, scaled)] if scaled else [])
+                              + [inspect.table(plan)])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise PlanError(f"{args.plan}: malformed plan ({type(e).__name__}: {e})") from None
     try:
@@ -228,9 +269,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if args.chart and not args.json:
-        print(f"wrote {args.chart}")
     return 0
+
+
+def _plan_without_weights(args: argparse.Namespace, scale: int = 1) -> dict:
+    """The plan dict of a preset or config folder at the sizes the inspect flags ask (× ``scale``)."""
+    from .planner.noweights import plan_from_configs
+    from .planner.plan import plan_to_dict
+
+    for flag in ("height", "width", "steps", "batch"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise StreamexecError(f"--{flag} must be at least 1 (got {v})")
+    cfg = None if args.cfg_scale is None else args.cfg_scale > 1
+    plan = plan_from_configs(args.plan, steps=args.steps, dtype=args.dtype, batch=args.batch, cfg=cfg,
+                             height=args.height, width=args.width, scale=scale, components=args.component)
+    d = plan_to_dict(plan)
+    d["checkpoint"]["assumed_dtypes"] = {n: c.graph.config["_assumed_dtype"] for n, c in plan.components.items()}
+    return d
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "inspect": cmd_inspect}

@@ -37,6 +37,12 @@ def test_png_has_parameters_and_same_input_gives_same_bytes(tmp_path: Path) -> N
     assert a.stat().st_mode & 0o777 == 0o666 & ~um  # readable like any file the user makes, not mkstemp's 0600
 
 
+def test_png_size_is_width_x_height_as_a1111_writes_it() -> None:
+    params = {k: v for k, v in PARAMS.items() if k != "size"}
+    text = parameters_text({**params, "width": 768, "height": 512})
+    assert "Seed: 7, Size: 768x512, Model: demo" in text
+
+
 def test_png_failure_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "x.png"
     with pytest.raises(StreamexecError):

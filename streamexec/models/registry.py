@@ -89,6 +89,14 @@ def default_size(configs: dict[str, dict]) -> int:
     return FLUX_SAMPLE_SIZE * vae_scale(configs.get("vae"))
 
 
+def default_steps(configs: dict[str, dict]) -> int:
+    """Denoising steps the pipelines take when none are asked for: SD 1.5 25, FLUX.1-dev 28,
+    FLUX.1-schnell 4."""
+    if "transformer" in configs:
+        return 28 if is_flux_dev(configs["transformer"]) else 4
+    return 25
+
+
 def build_component(name: str, config: dict, weight_info: WeightInfo, shape: RunShape,
                     configs: dict[str, dict], where: str, vae_mode: str = "decode") -> Graph:
     """The graph of component ``name`` for a run of ``shape``."""

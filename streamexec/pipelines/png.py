@@ -30,6 +30,8 @@ def parameters_text(p: dict) -> str:
     keys = [("steps", "Steps"), ("sampler", "Sampler"), ("timestep_spacing", "Timestep spacing"), ("eta", "Eta"),
             ("cfg_scale", "CFG scale"), ("guidance", "Guidance"), ("seed", "Seed"), ("size", "Size"),
             ("model", "Model"), ("strength", "Denoising strength")]
+    if p.get("size") is None and p.get("width") and p.get("height"):
+        p = {**p, "size": f"{p['width']}x{p['height']}"}  # width x height, as AUTOMATIC1111 writes it
     pairs = [f"{label}: {p[k]}" for k, label in keys if p.get(k) is not None]
     pairs.append("Generator: streamexec")
     lines.append(", ".join(pairs))

@@ -315,7 +315,21 @@ def fit_schedule(graph: Graph, weights: WeightTable, budget: int | str | None, b
             f"memory budget {format_size(budget)} is too small for {graph.model}: the smallest that fits is "
             f"{format_size(_round_up(minimum))} (at op {op}; the process itself takes {format_size(baseline)})"
         )
+    if peak < minimum:
+        minimum = _lower_minimum(graph, weights, baseline, peak, minimum)
     return Fit(walk.schedule(), walk.memory, budget, baseline, peak, minimum, walk.unit_names)
+
+
+def _lower_minimum(graph: Graph, weights: WeightTable, baseline: int, peak: int, minimum: int) -> int:
+    """The smallest-footprint walk is a heuristic: a budgeted schedule can peak lower (a band or
+    chunk the minimal walk sizes differently). Then the smallest budget that fits is at most that
+    schedule's peak — if a walk fitted to it (rounded up to a MiB) really stays inside; checked
+    here, so "smallest budget that fits" never exceeds a peak the plan shows."""
+    trial = _round_up(peak)
+    walk = _Walk(graph, weights, trial, baseline + SAFETY_MARGIN, minimal=False)
+    walk.run()
+    got = max((m.total for m in walk.memory), default=baseline + SAFETY_MARGIN)
+    return min(minimum, got) if not walk.failed and got <= trial else minimum
 
 
 def _round_up(n: int, step: int = _MIB) -> int:

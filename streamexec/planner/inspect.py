@@ -71,8 +71,15 @@ def summary(plan: dict) -> dict:
             "components": comps}
 
 
-def to_json(plan: dict) -> str:
-    return json.dumps({"summary": summary(plan), "ops": rows(plan)}, indent=1)
+def to_json(plan: dict, per_image: dict | None = None, scaled: dict | None = None) -> str:
+    """The plan's summary, the per-image numbers (and at twice the side, ``scaled``), every op."""
+    out: dict = {"summary": summary(plan)}
+    if per_image is not None:
+        out["per_image"] = per_image
+    if scaled is not None:
+        out["per_image_at_2x"] = scaled
+    out["ops"] = rows(plan)
+    return json.dumps(out, indent=1)
 
 
 def table(plan: dict) -> str:
@@ -82,6 +89,11 @@ def table(plan: dict) -> str:
     run = plan["run"]
     budget = mem.get("budget_bytes")
     lines.append(f"plan for {plan['checkpoint']['root']}  ({run['width']}x{run['height']}, batch {run['batch']})")
+    assumed = plan["checkpoint"].get("assumed_dtypes")
+    if assumed:
+        lines.append("no weights read: shapes from the configs, stored as "
+                     + ", ".join(f"{n} {t}" for n, t in assumed.items())
+                     + "; the process baseline is assumed, not measured")
     lines.append(f"budget {format_size(budget) if budget else 'none'}   planned peak {format_size(mem['peak_bytes'])}"
                  f"   smallest budget that fits {format_size(mem['min_budget_bytes'])}"
                  f"   process baseline {format_size(mem['baseline_bytes'])}")
@@ -173,6 +185,62 @@ def chart(plan: dict, path: str | Path, width: int = 1400, height: int = 560) ->
         d.rectangle([lx, height - 24, lx + 12, height - 12], fill=color)
         d.text((lx + 16, height - 25), "process + margin" if key == "baseline" else key, fill="black")
         lx += 150
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def charts(plan: dict, path: str | Path) -> list[Path]:
+    """Both charts: the memory timeline at ``path`` and the work per layer at ``path`` with
+    ``-work`` before its suffix. Returns the two paths."""
+    path = Path(path)
+    work = path.with_name(f"{path.stem}-work{path.suffix or '.png'}")
+    chart(plan, path)
+    work_chart(plan, work)
+    return [path, work]
+
+
+def work_chart(plan: dict, path: str | Path, width: int = 1400, height: int = 620) -> None:
+    """Where the time and the bytes go: GFLOP per op (top) and weight MiB per op (bottom), one bar
+    per op across the components in run order (per call of each component)."""
+    from PIL import Image, ImageDraw
+
+    rs = rows(plan)
+    if not rs:
+        raise ValueError("the plan has no ops")
+    left, right, up, gap, down = 80, 20, 40, 40, 50
+    pw = width - left - right
+    ph = (height - up - gap - down) // 2
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    n = len(rs)
+    panels = [("GFLOP per op", [r["gflops"] for r in rs], "", (52, 101, 164), up),
+              ("weight MiB per op", [r["weight_bytes"] / MIB for r in rs], " MiB", (245, 121, 0), up + ph + gap)]
+    for title, values, unit, color, y0 in panels:
+        top = max(values) * 1.08 or 1.0
+        d.line([left, y0, left, y0 + ph, left + pw, y0 + ph], fill="black")
+        step = _nice_step(top)
+        v = 0.0
+        while v <= top:
+            yy = y0 + ph - ph * v / top
+            d.line([left - 4, yy, left + pw, yy], fill=(225, 225, 225))
+            d.text((4, yy - 6), f"{v:g}{unit}", fill="black")
+            v += step
+        for k, val in enumerate(values):
+            if val > 0:
+                x0 = left + pw * k / n
+                d.rectangle([x0, y0 + ph - ph * val / top, max(x0 + 1, left + pw * (k + 1) / n), y0 + ph], fill=color)
+        d.text((left + 4, y0 - 14), f"{title} (total {sum(values):,.1f}{unit or ' GFLOP'} per call of each component)",
+               fill="black")
+    start = 0
+    for comp in plan["components"]:
+        count = sum(1 for r in rs if r["component"] == comp)
+        x = left + pw * start / n
+        d.line([x, up, x, height - down], fill=(80, 80, 80))
+        d.text((x + 4, height - down + 6), f"{comp} ({count} ops)", fill="black")
+        start += count
+    d.text((left + 300, 10), f"work per layer: {plan['checkpoint']['root']}", fill="black")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     img.save(tmp, format="PNG")

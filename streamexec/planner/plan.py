@@ -16,11 +16,12 @@ import yaml
 
 from .. import __version__
 from ..errors import PlanError
-from ..models.graph import Graph, Op
+from ..models.graph import Graph, Op, WeightInfo
 from ..models.registry import RunShape, build_component
 from ..weights.checkpoint import Checkpoint
 from .costs import OpCost, op_cost
 from .fit import Fit, OpMemory, fit_schedule, weight_table
+from .memory import WeightTable
 from .schedule import PREFETCH_MODES, Schedule
 
 PLAN_VERSION = 1
@@ -91,16 +92,24 @@ def plan_components(ckpt: Checkpoint, names: list[str], shape: RunShape, budget:
                 m = table.get(key)
                 return None if m is None else (m.shape, m.dtype)
 
-            graph = build_component(name, configs.get(name, {}), info, shape, configs, str(comp.folder or ckpt.root),
-                                    vae_mode=vae_mode)
-            fit = fit_schedule(graph, table, budget, baseline)
-            nbytes = {k: m.nbytes for k, m in table.items()}
-            shapes = {k: m.shape for k, m in table.items()}
-            costs = [op_cost(graph, op, nbytes, shapes) for op in graph.ops]
+            plan_graph(plan, name, configs, info, table, str(comp.folder or ckpt.root), vae_mode)
         finally:
             store.close()
-        plan.components[name] = ComponentPlan(name, graph, fit, costs, vae_mode if name == "vae" else "forward")
     return plan
+
+
+def plan_graph(plan: Plan, name: str, configs: dict[str, dict], info: WeightInfo, table: WeightTable, where: str,
+               vae_mode: str = "decode") -> ComponentPlan:
+    """Build component ``name`` from its weights (``info``; ``table``: their stored sizes), cost
+    and fit it into ``plan``."""
+    graph = build_component(name, configs.get(name, {}), info, plan.shape, configs, where, vae_mode=vae_mode)
+    fit = fit_schedule(graph, table, plan.budget, plan.baseline)
+    nbytes = {k: m.nbytes for k, m in table.items()}
+    shapes = {k: m.shape for k, m in table.items()}
+    costs = [op_cost(graph, op, nbytes, shapes) for op in graph.ops]
+    cp = ComponentPlan(name, graph, fit, costs, vae_mode if name == "vae" else "forward")
+    plan.components[name] = cp
+    return cp
 
 
 # -- serialisation -----------------------------------------------------------------------------------

@@ -235,9 +235,11 @@ def _weight_files(
         raise CheckpointError(
             folder, f"no weights for variant {variant or '(none)'}; variants present: {have} (use --variant)"
         )
-    if any(folder.glob(f"*{s}") for s in PICKLE_SUFFIXES):
-        raise pickle_refusal(next(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}")))
-    raise CheckpointError(folder, "no .safetensors weights in this folder")
+    pickles = sorted(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}"))
+    if pickles:
+        raise pickle_refusal(pickles[0])
+    raise CheckpointError(folder, "no .safetensors weights in this folder (for configs without weights, "
+                          "'streamexec inspect FOLDER' shows the plan's matrices and sizes)")
 
 
 def _open_component_folder(
