@@ -102,7 +102,7 @@ class StreamedModel:
             return None
         if isinstance(self.memory_budget, int):
             return self.memory_budget
-        if self.memory_budget == "min" and isinstance(fit.budget, int):
+        if self.memory_budget in ("min", "smallest") and isinstance(fit.budget, int):
             return fit.budget
         return None
 
@@ -282,7 +282,8 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
          strict: bool = False) -> StreamedModel:
     """Open ``path`` (file, component folder or pipeline folder) and return one component, ready
     to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound,
-    the fastest schedule; "min" = the smallest-footprint schedule).
+    the fastest schedule; "min" = the fastest schedule within the smallest budget that fits;
+    "smallest" = every op at its smallest option, which exercises every out-of-core path).
 
     ``baseline``: bytes of the process that are not the model's (default: measured — this
     process's RSS with the kernels loaded). Pass 0 to give the model ``memory_budget`` for its
@@ -295,5 +296,5 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
     cls = MODEL_CLASSES.get(comp.name)
     if cls is None:
         raise StreamexecError(f"component {comp.name!r} cannot be run yet (supported: {', '.join(MODEL_CLASSES)})")
-    budget = memory_budget if memory_budget in (None, "min") else parse_size(memory_budget)
+    budget = memory_budget if memory_budget in (None, "min", "smallest") else parse_size(memory_budget)
     return cls(ckpt, comp, budget, baseline, scratch_dir, strict=strict)

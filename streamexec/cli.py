@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory-budget", default=None, metavar="SIZE",
         help="peak RSS of the whole process, e.g. 512M, 1G; 'auto' (cgroup limit or available RAM "
-        "minus 10%%) or 'min' (the smallest-footprint schedule); default: no bound",
+        "minus 10%%) or 'min' (the fastest schedule within the smallest budget that fits); default: no bound",
     )
     p.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default plan.yaml)")
     p.add_argument(
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def budget_arg(text: str | None) -> int | str | None:
     """``--memory-budget``: a size, ``auto`` (the cgroup limit or available RAM, minus a margin),
-    ``min`` (the smallest-footprint schedule), or nothing (no bound: the fastest schedule)."""
+    ``min`` (the fastest schedule within the smallest budget that fits), or nothing (no bound: the fastest schedule)."""
     if text is None:
         return None
     if text == "auto":
