@@ -26,6 +26,7 @@ a larger one never gets a slower schedule. ``"min"`` is the smallest budget that
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 
 from ..errors import BudgetError
@@ -100,6 +101,12 @@ class _Context:
             for t in dict.fromkeys(op.inputs):
                 self.uses.setdefault(t, []).append(i)
         self.keys = [set(op.weights.values()) for op in graph.ops]
+        self.inputs = [list(dict.fromkeys(op.inputs)) for op in graph.ops]
+        # per op: its distinct inputs that it can read band by band from disk (every position)
+        self.streamable = [{t for t in self.inputs[i] if all(streamable(op.kind, p, op.attrs)
+                                                             for p, u in enumerate(op.inputs) if u == t)}
+                           for i, op in enumerate(graph.ops)]
+        self.out = [out_bytes(graph, op.output) for op in graph.ops]
         nbytes = {k: m.nbytes for k, m in w.items()}
         self.shapes = {k: m.shape for k, m in w.items()}
         self.dtypes = {k: m.dtype for k, m in w.items()}
@@ -132,10 +139,9 @@ class _Context:
         return sum(self.w[k].nbytes for k in keys)
 
     def next_use(self, t: str, i: int) -> int:
-        for j in self.uses.get(t, ()):
-            if j > i:
-                return j
-        return len(self.g.ops)
+        uses = self.uses.get(t, ())
+        k = bisect_right(uses, i)
+        return uses[k] if k < len(uses) else len(self.g.ops)
 
 
 class _Walk:
@@ -182,10 +188,10 @@ class _Walk:
         ctx, g, op = self.ctx, self.g, self.g.ops[i]
         band = 0
         streams = self.stream_inputs.setdefault(i, [])
-        for t in dict.fromkeys(op.inputs):
+        for t in ctx.inputs[i]:
             if t not in self.spilled:
                 continue
-            if all(streamable(op.kind, p, op.attrs) for p, u in enumerate(op.inputs) if u == t):
+            if t in ctx.streamable[i]:
                 streams.append(t)  # the op reads it band by band
                 if op.kind in ("add", "conv2d"):  # these combine it through a band buffer
                     band = max(band, min(BAND_ELEMS * 4, self.spilled[t]))
@@ -193,7 +199,7 @@ class _Walk:
                 self.live[t] = self.spilled.pop(t)
                 self.reload_before.setdefault(i, []).append(t)
         budget = 0 if self.minimal else self.budget
-        out_full = out_bytes(g, op.output)
+        out_full = ctx.out[i]
         needed = set(op.inputs)
         live_total = sum(self.live.values())
         fixed = self.base + weights + prefetch + live_total
@@ -206,8 +212,7 @@ class _Walk:
             free = sorted((t for t in self.live if t not in needed and t not in self.pinned and self.live[t] > 0),
                           key=lambda t: -ctx.next_use(t, i))
             # inputs this op could read band by band from disk (the last resort)
-            need = [t for t in dict.fromkeys(op.inputs) if t in self.live and t not in self.pinned
-                    and all(streamable(op.kind, p, op.attrs) for p, u in enumerate(op.inputs) if u == t)]
+            need = [t for t in ctx.inputs[i] if t in self.live and t not in self.pinned and t in ctx.streamable[i]]
             can_disk = op.output not in self.pinned and banded_output(op.kind, op.attrs, g.tensors[op.output])
             modes = [(sn, d) for sn, d in ((False, False), (True, False), (False, True), (True, True))
                      if (need or not sn) and (can_disk or not d)]
@@ -274,7 +279,7 @@ class _Walk:
             self.spilled[op.output] = out_full
         else:
             self.live[op.output] = out_full
-        for t in dict.fromkeys(op.inputs):
+        for t in ctx.inputs[i]:
             self.last_touch[t] = i
             if ctx.next_use(t, i) >= len(g.ops) and t not in self.pinned:
                 self.live.pop(t, None)
