@@ -7,6 +7,7 @@ while the child waits after its last call, and the time per call measured in the
     python tools/bench_budget_curve.py CKPT --component unet --size 512            # SD 1.5 UNet, batch 2
     python tools/bench_budget_curve.py CKPT --component vae --size 512 --steps 8   # VAE decode 512²
     python tools/bench_budget_curve.py CKPT --component unet --budgets min,300M,2G --markdown
+    python tools/bench_budget_curve.py CKPT --component pipeline --budgets min,300M,none --calls 2
 
 CKPT is a pipeline or component folder (``tools/make_checkpoint.py all OUT --preset sd15 --layout
 pipeline --dtype fp16`` makes a full-size random one). ``--steps`` is the number of rungs between
@@ -58,14 +59,42 @@ sys.stdin.readline()  # the parent reads our VmHWM now
 """
 
 
+#: The whole text-to-image run (``--component pipeline``): ``streamexec plan`` then ``streamexec
+#: run`` of that plan, in one process (so the plan is made with this process's baseline).
+PIPELINE = r"""
+import json, sys, time, tempfile, os, yaml
+from streamexec.cli import main
+ckpt, budget, size, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+tmp = tempfile.mkdtemp()
+shape = ["--height", size, "--width", size]
+extra = [] if budget == "none" else ["--memory-budget", budget]
+assert main(["plan", ckpt, *shape, "--steps", steps, *extra, "-o", os.path.join(tmp, "p.yaml")]) == 0
+plan = yaml.safe_load(open(os.path.join(tmp, "p.yaml")))["memory"]
+t0 = time.perf_counter()
+code = main(["run", os.path.join(tmp, "p.yaml"), "--prompt", "a lighthouse at dusk", "--steps", steps, "--quiet",
+             "-o", os.path.join(tmp, "out.png")])
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": [seconds], "planned_peak": plan["peak_bytes"], "predicted": 0.0,
+                  "min_budget": plan["min_budget_bytes"], "baseline": plan["baseline_bytes"], "code": code,
+                  "spill_bytes": 0, "guard_events": 0}), flush=True)
+sys.stdin.readline()
+"""
+
+
 def measure(ckpt: str, comp: str, budget: str, size: int, calls: int) -> dict:
-    """One rung in a child process; its JSON plus ``outside_peak`` (VmHWM read by this process)."""
-    kind, div = KINDS[comp]
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(HERE), ckpt, comp, budget, kind, str(size // div),
-                             str(calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    """One rung in a child process; its JSON plus ``outside_peak`` (VmHWM read by this process).
+    For ``comp == "pipeline"``, ``calls`` is the number of denoising steps of one whole run."""
+    if comp == "pipeline":
+        cmd = [sys.executable, "-c", PIPELINE, ckpt, budget, str(size), str(calls)]
+    else:
+        kind, div = KINDS[comp]
+        cmd = [sys.executable, "-c", CHILD, str(HERE), ckpt, comp, budget, kind, str(size // div), str(calls)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert proc.stdout is not None and proc.stdin is not None
     line = proc.stdout.readline()
+    while line and not line.startswith("{"):  # the CLI's own lines
+        line = proc.stdout.readline()
     if not line.startswith("{"):
         _, err = proc.communicate()
         raise SystemExit(f"budget {budget}: the child failed:\n{err[-3000:]}")
@@ -82,7 +111,8 @@ def plan_bounds(ckpt: str, comp: str, size: int, vae_mode: str) -> tuple[int, in
     with tempfile.TemporaryDirectory() as tmp:
         for label, extra in (("min", ["--memory-budget", "min"]), ("none", [])):
             path = Path(tmp) / f"{label}.yaml"
-            subprocess.run([sys.executable, "-m", "streamexec", "plan", ckpt, "--component", comp, "--height",
+            which = [] if comp == "pipeline" else ["--component", comp]
+            subprocess.run([sys.executable, "-m", "streamexec", "plan", ckpt, *which, "--height",
                             str(size), "--width", str(size), "--vae-mode", vae_mode, "-o", str(path), *extra],
                            check=True, capture_output=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
             import yaml
@@ -94,11 +124,13 @@ def plan_bounds(ckpt: str, comp: str, size: int, vae_mode: str) -> tuple[int, in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt")
-    ap.add_argument("--component", default="unet", choices=sorted(KINDS))
+    ap.add_argument("--component", default="unet", choices=sorted(KINDS) + ["pipeline"],
+                    help="a component, or 'pipeline': plan + run the whole text-to-image run per rung")
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (tokens for T5, batch for CLIP)")
     ap.add_argument("--steps", type=int, default=5, help="rungs from the smallest budget to the unbounded peak")
     ap.add_argument("--budgets", default=None, help="comma list of sizes, 'min' and 'none' instead of the ladder")
-    ap.add_argument("--calls", type=int, default=1, help="timed calls per rung after one warm-up call")
+    ap.add_argument("--calls", type=int, default=1, help="timed calls per rung after one warm-up call "
+                    "(pipeline: denoising steps of the one timed run, which includes start-up)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
