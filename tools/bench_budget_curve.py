@@ -59,24 +59,23 @@ sys.stdin.readline()  # the parent reads our VmHWM now
 """
 
 
-#: The whole text-to-image run (``--component pipeline``): ``streamexec plan`` then ``streamexec
-#: run`` of that plan, in one process (so the plan is made with this process's baseline).
+#: The whole text-to-image run (``--component pipeline``), as ``streamexec run MODEL`` does it: the
+#: pipeline plans every component in this process (its own baseline), then runs once.
 PIPELINE = r"""
-import json, sys, time, tempfile, os, yaml
-from streamexec.cli import main
-ckpt, budget, size, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-tmp = tempfile.mkdtemp()
-shape = ["--height", size, "--width", size]
-extra = [] if budget == "none" else ["--memory-budget", budget]
-assert main(["plan", ckpt, *shape, "--steps", steps, *extra, "-o", os.path.join(tmp, "p.yaml")]) == 0
-plan = yaml.safe_load(open(os.path.join(tmp, "p.yaml")))["memory"]
+import json, sys, time
+from streamexec.pipelines.generate import Pipeline, Request
+ckpt, budget, size, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 t0 = time.perf_counter()
-code = main(["run", os.path.join(tmp, "p.yaml"), "--prompt", "a lighthouse at dusk", "--steps", steps, "--quiet",
-             "-o", os.path.join(tmp, "out.png")])
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": [seconds], "planned_peak": plan["peak_bytes"], "predicted": 0.0,
-                  "min_budget": plan["min_budget_bytes"], "baseline": plan["baseline_bytes"], "code": code,
-                  "spill_bytes": 0, "guard_events": 0}), flush=True)
+with Pipeline.open(ckpt, memory_budget=None if budget == "none" else budget) as pipe:
+    res = pipe(Request("a lighthouse at dusk", seed=1, steps=steps, height=size, width=size))
+    seconds = time.perf_counter() - t0
+    fits = [m.last_fit for m in pipe.models.values() if m.last_fit is not None]
+    execs = [m.last_executor for m in pipe.models.values() if m.last_executor is not None]
+    print(json.dumps({"seconds": [seconds], "stages": res.stage_seconds,
+                      "planned_peak": max(f.peak for f in fits), "predicted": sum(f.seconds for f in fits),
+                      "min_budget": max(f.min_budget for f in fits), "baseline": max(f.baseline for f in fits),
+                      "spill_bytes": sum(e.spill_bytes_written for e in execs),
+                      "guard_events": sum(len(e.guard_events) for e in execs)}), flush=True)
 sys.stdin.readline()
 """
 
