@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory-budget", default=None, metavar="SIZE",
         help="peak RSS of the whole process, e.g. 512M, 1G; 'auto' (cgroup limit or available RAM "
-        "minus 10%%) or 'min' (the fastest schedule within the smallest budget that fits); default: no bound",
+        "minus 10%%), 'min' (the fastest schedule within the smallest budget that fits) or 'smallest' (every "
+        "op at its smallest option: for testing the out-of-core paths); default: no bound",
     )
     p.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default plan.yaml)")
     p.add_argument(
@@ -124,14 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def budget_arg(text: str | None) -> int | str | None:
     """``--memory-budget``: a size, ``auto`` (the cgroup limit or available RAM, minus a margin),
-    ``min`` (the fastest schedule within the smallest budget that fits), or nothing (no bound: the fastest schedule)."""
+    ``min`` (the fastest schedule within the smallest budget that fits), ``smallest`` (every op at its
+    smallest option: the most disk traffic, for testing the out-of-core paths), or nothing (no
+    bound: the fastest schedule)."""
     if text is None:
         return None
     if text == "auto":
         from .runtime.process import auto_budget
 
         return auto_budget()
-    if text == "min":
+    if text in ("min", "smallest"):
         return text  # type: ignore[return-value]
     return parse_size(text)
 
@@ -175,7 +178,7 @@ def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
         print(f"{name:<15} {len(cp.graph.ops):>5} ops  {len(f.schedule.units):>5} units  "
               f"{cp.flops / 1e9:>10.1f} GFLOP  weights {format_size(cp.weight_bytes):>11}  "
               f"peak {format_size(f.peak):>11}  smallest budget {format_size(f.min_budget)}")
-    shown = budget if budget in (None, "min") else format_size(budget)
+    shown = budget if budget in (None, "min", "smallest") else format_size(budget)
     print(f"wrote {args.output}: budget {shown or 'none'}, planned peak "
           f"{format_size(plan.peak)} (process baseline {format_size(baseline)}); "
           f"'streamexec inspect {args.output}' shows every layer")

@@ -309,7 +309,7 @@ class Pipeline:
 
 
 def _budget(memory_budget: int | str | None) -> int | str | None:
-    if memory_budget is None or memory_budget == "min":
+    if memory_budget is None or memory_budget in ("min", "smallest"):
         return memory_budget
     if memory_budget == "auto":
         from ..runtime.process import auto_budget

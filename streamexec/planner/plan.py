@@ -176,7 +176,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "checkpoint": {"root": plan.checkpoint_root, "variant": plan.variant, "files": plan.files},
         "run": {"height": plan.shape.height, "width": plan.shape.width, "batch": plan.shape.batch,
                 "text_len": plan.shape.text_len, "cfg": plan.shape.cfg, "steps": plan.steps},
-        "memory": {"budget_bytes": plan.peak if plan.budget == "min" else plan.budget,
+        "memory": {"budget_bytes": plan.peak if plan.budget in ("min", "smallest") else plan.budget,
                    "baseline_bytes": plan.baseline, "peak_bytes": plan.peak,
                    "min_budget_bytes": plan.min_budget, "workers": plan.workers},
         "components": comps,
