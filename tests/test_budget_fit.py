@@ -35,6 +35,8 @@ FAMILIES = [
     ("tiny-flux-schnell", "transformer", 256, "decode"),
     ("tiny-flux-schnell", "text_encoder_2", 64, "decode"),
 ]
+#: The tiny VAE decode at 512²: the one greedy walk refused the lowest quarter of its budgets.
+VAE_512 = ("tiny-sd15", "vae", 512, "decode")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def presets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def graphs(presets) -> dict[tuple, tuple]:
     out = {}
-    for fam in FAMILIES:
+    for fam in FAMILIES + [VAE_512]:
         preset, comp, side, mode = fam
         ckpt = open_checkpoint(presets[preset])
         configs = {n: dict(c.config or {}) for n, c in ckpt.components.items()}
@@ -91,6 +93,14 @@ def test_every_budget_above_the_minimum_fits_and_more_is_never_slower(graphs, fa
         assert all(a >= b for a, b in zip(seconds, seconds[1:])), list(zip(budgets, seconds))
 
     prop()
+
+
+def test_a_ladder_of_budgets_that_one_greedy_walk_refused_now_plans(graphs) -> None:
+    graph, table = graphs[VAE_512]
+    lo, hi = fit_schedule(graph, table, "min", 0).min_budget, fit_schedule(graph, table, None, 0).peak
+    for k in range(13):  # before: the three lowest rungs above the minimum were refused
+        budget = lo + (hi - lo) * k // 12
+        assert fit_schedule(graph, table, budget, 0).peak <= budget
 
 
 @pytest.mark.parametrize("family", FAMILIES[2:5:2], ids=["vae-decode", "transformer"])
