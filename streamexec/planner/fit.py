@@ -18,7 +18,7 @@ band, the output written straight to disk. When nothing fits, an op takes its sm
 
 A greedy walk can leave too little room later, so the fit does not trust one walk: it keeps a
 fixed family of walks — the smallest-footprint walk (every op at its smallest), the unbounded
-walk, and walks aimed at a ladder of targets ``smallest · RATIO^k`` — and a budget gets the
+walk, and walks aimed at a ladder of targets ``smallest · ratio^k`` — and a budget gets the
 fastest member whose peak and target are both within it. The family does not depend on the
 budget, so a larger budget can only add members: every budget from the smallest upward fits, and
 a larger one never gets a slower schedule. ``"min"`` is the smallest budget that fits.
@@ -38,8 +38,10 @@ from ..sizes import format_size
 from .costs import RATES, op_cost, op_seconds
 from .memory import WeightTable, ooc_scratch, op_scratch, out_bytes, param_options
 
-#: Ratio between consecutive targets of the family of walks (3 %: a budget wastes at most that).
+#: Ratio between consecutive targets of the family of walks (3 %: a budget wastes at most that),
+#: widened so that the ladder from the smallest to the unbounded peak has at most MAX_WALKS rungs.
 RATIO = 1.03
+MAX_WALKS = 40
 _SPILL_S_PER_BYTE = 1 / RATES.spill_write + 1 / RATES.spill_read  # written once, read back once
 #: Unit variants, in the order they are tried: (shape, how the next unit's weights come in).
 VARIANTS = (("whole", "populate"), ("split", "populate"), ("whole", "readahead"), ("split", "readahead"))
@@ -406,6 +408,8 @@ class _Family:
         self.free = _Walk(self.ctx, None, self.base, minimal=False).run()
         self.members: list[tuple[int, _Walk]] = [(self.smallest.peak, self.smallest), (self.free.peak, self.free)]
         self._next_target = self.smallest.peak
+        span = max(1.0, self.free.peak / max(1, self.smallest.peak))
+        self.ratio = max(RATIO, span ** (1 / MAX_WALKS))
 
     @property
     def minimum(self) -> int:
@@ -418,7 +422,7 @@ class _Family:
             t = self._next_target
             w = _Walk(self.ctx, t, self.base, minimal=False).run()
             self.members.append((max(t, w.peak), w))
-            self._next_target = int(t * RATIO) + 1
+            self._next_target = int(t * self.ratio) + 1
         usable = [(w.seconds, th, n, w) for n, (th, w) in enumerate(self.members) if th <= budget]
         return min(usable)[3] if usable else None
 
