@@ -104,7 +104,7 @@ class StreamedModel:
             return None
         if isinstance(self.memory_budget, int):
             return self.memory_budget
-        if self.memory_budget == "min" and isinstance(fit.budget, int):
+        if self.memory_budget in ("min", "smallest") and isinstance(fit.budget, int):
             return fit.budget
         return None
 
@@ -283,8 +283,9 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
          strict: bool = False) -> StreamedModel:
     """Open ``path`` (file, component folder or pipeline folder) and return one component, ready
     to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound,
-    the fastest schedule; "min" = the smallest-footprint schedule; "auto" = the cgroup limit or
-    available RAM minus a margin, as ``--memory-budget auto``).
+    the fastest schedule; "min" = the fastest schedule within the smallest budget that fits;
+    "smallest" = every op at its smallest option, which exercises every out-of-core path; "auto" = the
+    cgroup limit or available RAM minus a margin, as ``--memory-budget auto``).
 
     ``baseline``: bytes of the process that are not the model's (default: measured — this
     process's RSS with the kernels loaded). Pass 0 to give the model ``memory_budget`` for its

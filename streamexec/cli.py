@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory-budget", default=None, metavar="SIZE",
         help="peak RSS of the whole process, e.g. 512M, 1G; 'auto' (cgroup limit or available RAM "
-        "minus 10%%) or 'min' (the smallest-footprint schedule); default: no bound",
+        "minus 10%%), 'min' (the fastest schedule within the smallest budget that fits) or 'smallest' (every "
+        "op at its smallest option: for testing the out-of-core paths); default: no bound",
     )
     p.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default plan.yaml)")
     p.add_argument(
@@ -198,7 +199,7 @@ def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
         print(f"{name:<15} {len(cp.graph.ops):>5} ops  {len(f.schedule.units):>5} units  "
               f"{cp.flops / 1e9:>10.1f} GFLOP  weights {format_size(cp.weight_bytes):>11}  "
               f"peak {format_size(f.peak):>11}  smallest budget {format_size(f.min_budget)}")
-    shown = budget if budget in (None, "min") else format_size(budget)
+    shown = budget if budget in (None, "min", "smallest") else format_size(budget)
     print(f"wrote {args.output}: budget {shown or 'none'}, planned peak "
           f"{format_size(plan.peak)} (process baseline {format_size(baseline)}); "
           f"'streamexec inspect {args.output}' shows every layer")

@@ -36,9 +36,10 @@ def format_size(n: float) -> str:
 def parse_budget(budget: int | str | None) -> int | str | None:
     """A memory budget as the CLI, ``streamexec.load``, the pipelines and plan files give it: a size
     (``512M``, ``1G``, a byte count), ``"auto"`` (the cgroup limit or available RAM, minus a margin:
-    resolved now, to bytes), ``"min"`` (the smallest-footprint schedule: kept as is), or None (no
-    bound: the fastest schedule)."""
-    if budget is None or budget == "min":
+    resolved now, to bytes), ``"min"`` (the fastest schedule within the smallest budget that fits) and
+    ``"smallest"`` (every op at its smallest option, the most disk traffic: for testing the out-of-core
+    paths), both kept as words, or None (no bound: the fastest schedule)."""
+    if budget is None or budget in ("min", "smallest"):
         return budget
     if budget == "auto":
         from .memlimit import auto_budget  # reads /proc and the cgroup files: only when asked

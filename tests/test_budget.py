@@ -1,7 +1,7 @@
 """Memory budgets: schedules that fit, results that do not change, and peak RSS measured by the OS.
 
-- Tight budgets (``baseline=0`` so that tiny models feel them; ``"min"`` = every choice at its
-  smallest): the planner must chunk rows, tile attention, band convolutions, split units, spill
+- Tight budgets (``baseline=0`` so that tiny models feel them; ``"smallest"`` = every choice at
+  its smallest): the planner must chunk rows, tile attention, band convolutions, split units, spill
   activations and stream them back — and the outputs must match diffusers/transformers to the
   same tolerance as the unbounded run (1e-4 relative).
 - Too small a budget fails before computing anything and names the smallest that fits, which
@@ -78,13 +78,13 @@ def test_unet_smallest_budget_chunks_tiles_bands_spills_and_matches(unet_dir, tm
     assert smallest < free.last_fit.peak
 
     scratch = tmp_path / "scratch"
-    # "min": every choice at its smallest (what the smallest budget is computed from)
-    tight = streamexec.load(path, baseline=0, memory_budget="min", scratch_dir=str(scratch))
+    # "smallest": every choice at its smallest (every out-of-core path of the kernels)
+    tight = streamexec.load(path, baseline=0, memory_budget="smallest", scratch_dir=str(scratch))
     ours = tight(x.numpy(), t.numpy(), ctx.numpy())
     f = _schedule_features(tight)
     assert f["spills"] > 0 and f["row_chunk"] and f["tiles"] and f["bands"] and f["readahead"], f
     assert f["streamed"] > 0 and f["units"] > len(free.last_fit.schedule.units)
-    assert tight.last_fit.peak == smallest
+    assert tight.last_fit.peak >= smallest  # the smallest budget is never above the smallest walk's peak
     assert tight.last_executor.spill_bytes_written > 0
     assert rel_err(ours, ref) <= TOL
     assert rel_err(ours, unbounded) <= TOL
@@ -143,7 +143,7 @@ def test_vae_and_clip_at_smallest_budget_match(tmp_path: Path) -> None:
         ref = vae_model.decode(z).sample
     free = streamexec.load(tmp_path / "vae", baseline=0)
     free.decode(z.numpy())
-    tight = streamexec.load(tmp_path / "vae", baseline=0, memory_budget="min")
+    tight = streamexec.load(tmp_path / "vae", baseline=0, memory_budget="smallest")
     ours = tight.decode(z.numpy())
     f = _schedule_features(tight)
     assert f["spills"] > 0 and f["bands"], f
@@ -159,7 +159,7 @@ def test_vae_and_clip_at_smallest_budget_match(tmp_path: Path) -> None:
         cref = clip(ids)
     free = streamexec.load(tmp_path / "te", baseline=0)
     free(ids.numpy())
-    tight = streamexec.load(tmp_path / "te", baseline=0, memory_budget="min")
+    tight = streamexec.load(tmp_path / "te", baseline=0, memory_budget="smallest")
     h, pooled = tight(ids.numpy())
     assert rel_err(h, cref.last_hidden_state) <= TOL
     assert rel_err(pooled, cref.pooler_output) <= TOL
@@ -248,7 +248,7 @@ def test_flux_and_t5_at_smallest_budget_match(tmp_path: Path) -> None:
     feeds = {k: None if v is None else v.numpy() for k, v in inputs.items()}
     free = streamexec.load(tmp_path / "transformer", baseline=0)
     free(**feeds)
-    tight = streamexec.load(tmp_path / "transformer", baseline=0, memory_budget="min")
+    tight = streamexec.load(tmp_path / "transformer", baseline=0, memory_budget="smallest")
     ours = tight(**feeds)
     f = _schedule_features(tight)
     assert f["spills"] > 0 and f["row_chunk"] and f["readahead"], f  # 48-token attention: one tile already
@@ -261,7 +261,7 @@ def test_flux_and_t5_at_smallest_budget_match(tmp_path: Path) -> None:
         tref = t5(ids).last_hidden_state
     free = streamexec.load(tmp_path / "t5", baseline=0)
     free(input_ids=ids.numpy())
-    tight = streamexec.load(tmp_path / "t5", baseline=0, memory_budget="min")
+    tight = streamexec.load(tmp_path / "t5", baseline=0, memory_budget="smallest")
     assert rel_err(tight(input_ids=ids.numpy()), tref) <= TOL
     assert _schedule_features(tight)["spills"] > 0
 

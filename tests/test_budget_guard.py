@@ -58,7 +58,7 @@ def _hungry_run(env: dict, tmp_path: Path, out: Path, *flags: str, extra_mib: in
     scratch, log = tmp_path / "scratch", tmp_path / "scratch-files-at-overshoot"
     res = subprocess.run(
         [sys.executable, "-c", HUNGRY, TARGET, str(extra_mib), str(log), str(scratch),
-         "run", "plans/demo.yaml", "--prompt", "a lighthouse", "--steps", "2", "--quiet", "--memory-budget", "min",
+         "run", "plans/demo.yaml", "--prompt", "a lighthouse", "--steps", "2", "--quiet", "--memory-budget", "smallest",
          "--scratch-dir", str(scratch), "-o", str(out), *flags],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     return res, scratch, (int(log.read_text()) if log.exists() else None)
@@ -93,7 +93,7 @@ def test_without_strict_the_guard_warns_and_the_image_is_the_same(env: dict, tmp
     assert list(scratch.iterdir()) == []
     clean = subprocess.run(
         [sys.executable, "-m", "streamexec", "run", "plans/demo.yaml", "--prompt", "a lighthouse", "--steps", "2",
-         "--quiet", "--memory-budget", "min", "-o", str(ref)],
+         "--quiet", "--memory-budget", "smallest", "-o", str(ref)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert clean.returncode == 0, clean.stderr[-3000:]
     assert "budget guard" not in clean.stderr  # a correct plan: no false alarm

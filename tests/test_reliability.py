@@ -44,7 +44,7 @@ def test_disk_full_while_spilling_is_one_clean_error(small_tmpfs: Path, tmp_path
     env = dict(os.environ, STREAMEXEC_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "x.png"
     res = subprocess.run([sys.executable, "-m", "streamexec", "run", str(model), "--prompt", "x", "--steps", "2",
-                          "--memory-budget", "min", "--scratch-dir", str(small_tmpfs), "-o", str(out)],
+                          "--memory-budget", "smallest", "--scratch-dir", str(small_tmpfs), "-o", str(out)],
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
@@ -58,7 +58,7 @@ def test_sigterm_mid_run_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out" / "never.png"
     out.parent.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "streamexec", "run", "plans/demo.yaml", "--prompt", "x",
-                             "--steps", "200", "--memory-budget", "min", "-o", str(out)],
+                             "--steps", "200", "--memory-budget", "smallest", "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:

@@ -70,7 +70,7 @@ def test_ctrl_c_leaves_no_partial_png_and_no_scratch(env: dict, tmp_path: Path) 
     out = tmp_path / "never.png"
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamexec", "run", "plans/demo.yaml", "--prompt", "x", "--steps", "200",
-         "--memory-budget", "min", "-o", str(out)],
+         "--memory-budget", "smallest", "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 120
     started = False

@@ -59,6 +59,7 @@ def rows(plan: dict) -> list[dict]:
                 "gemm": _gemm(o), "gflops": o.get("flops", 0) / 1e9, "weight_bytes": o.get("weight_bytes", 0),
                 "out_bytes": o.get("out_bytes", 0), "resident_bytes": mem.get("total", 0), "memory": mem,
                 "prefetch": u.get("prefetch", ""), "unit_start": bool(u) and u["ops"][0] == o["i"],
+                "unit_choice": u.get("choice", ""), "unit_seconds": u.get("seconds"),
                 "params": o.get("params") or {}, "spill_after": o.get("spill_after") or [],
                 "reload_before": o.get("reload_before") or [], "notes": _notes(o),
             })
@@ -105,12 +106,13 @@ def table(plan: dict) -> str:
         lines.append(f"== {comp} ({c.get('model')}, {c.get('mode', 'forward')}): {s.get('ops')} ops in "
                      f"{s.get('units')} streaming units, {s.get('flops', 0) / 1e9:.1f} GFLOP, "
                      f"{format_size(s.get('weight_bytes', 0))} of weights, peak {format_size(s.get('peak_bytes', 0))}, "
-                     f"{s.get('spills', 0)} spills")
+                     f"{s.get('spills', 0)} spills"
+                     + (f", predicted {s['predicted_seconds']:.2f} s per call" if "predicted_seconds" in s else ""))
         lines.append(head)
         for r in rows({"components": {comp: c}}):
             name = r["name"] if len(r["name"]) <= 52 else "…" + r["name"][-51:]
             shape = "x".join(str(v) for v in r["shape"])
-            mark = "" if not r["unit_start"] or r["prefetch"] == "populate" else f"[{r['prefetch']}] "
+            mark = "" if not r["unit_start"] else _unit_mark(r)
             lines.append(
                 f"{r['i']:>5} {name:<52} {r['kind'][:14]:<14} {shape:<20} {r['gemm'][:30]:<30} {r['gflops']:>8.2f} "
                 f"{r['weight_bytes'] / MIB:>8.2f} {r['out_bytes'] / MIB:>8.2f} {r['resident_bytes'] / MIB:>9.1f}  "
@@ -123,7 +125,17 @@ def table(plan: dict) -> str:
                  + (f", {run['steps']} denoising steps" if run.get("steps") else ""))
     lines.append("plan MiB = what the planner charges at that op: process baseline + resident weights (+ the next "
                  "unit's when prefetched) + live activations + output + kernel scratch")
+    lines.append("[unit: whole|split, populate|readahead, s] = the option the fit chose for the streaming unit "
+                 "starting there and its predicted seconds (planner/costs.py)")
     return "\n".join(lines)
+
+
+def _unit_mark(r: dict) -> str:
+    """``[unit: whole, populate, 0.012 s]`` for a unit's first op (plans without choices: the mode)."""
+    if r.get("unit_choice"):
+        secs = r.get("unit_seconds")
+        return f"[unit: {r['unit_choice']}" + (f", {secs:.3f} s" if secs is not None else "") + "] "
+    return "" if r["prefetch"] == "populate" else f"[{r['prefetch']}] "
 
 
 _LAYERS = [("baseline", (150, 150, 150)), ("weights", (52, 101, 164)), ("prefetch", (114, 159, 207)),

@@ -141,6 +141,15 @@ def _op_dict(i: int, op: Op, graph: Graph, cost: OpCost, mem: OpMemory, sched: S
     return d
 
 
+def _unit_dict(f: Fit, k: int) -> dict:
+    u = f.schedule.units[k]
+    d: dict = {"name": f.unit_names[k], "ops": [u[0], u[-1]], "prefetch": f.schedule.prefetch_mode(k)}
+    if k < len(f.unit_choice):  # what the fit chose for this unit and what the cost model predicts
+        d["choice"] = f.unit_choice[k]
+        d["seconds"] = round(f.unit_seconds[k], 5)
+    return d
+
+
 def _plain(v):
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
@@ -163,9 +172,9 @@ def plan_to_dict(plan: Plan) -> dict:
             "outputs": list(g.outputs),
             "summary": {"ops": len(g.ops), "units": len(f.schedule.units), "flops": cp.flops,
                         "weight_bytes": cp.weight_bytes, "peak_bytes": f.peak, "min_budget_bytes": f.min_budget,
-                        "spills": sum(len(v) for v in f.schedule.spill_after.values())},
-            "units": [{"name": n, "ops": [u[0], u[-1]], "prefetch": p}
-                      for n, u, p in zip(f.unit_names, f.schedule.units, f.schedule.prefetch or [])],
+                        "spills": sum(len(v) for v in f.schedule.spill_after.values()),
+                        "predicted_seconds": round(f.seconds, 4)},
+            "units": [_unit_dict(f, k) for k in range(len(f.schedule.units))],
             "ops": [_op_dict(i, op, g, c, m, f.schedule)
                     for i, (op, c, m) in enumerate(zip(g.ops, cp.costs, f.memory))],
         }
@@ -177,7 +186,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "checkpoint": {"root": plan.checkpoint_root, "variant": plan.variant, "files": plan.files},
         "run": {"height": plan.shape.height, "width": plan.shape.width, "batch": plan.shape.batch,
                 "text_len": plan.shape.text_len, "cfg": plan.shape.cfg, "steps": plan.steps, **plan.settings},
-        "memory": {"budget_bytes": plan.peak if plan.budget == "min" else plan.budget,
+        "memory": {"budget_bytes": plan.peak if plan.budget in ("min", "smallest") else plan.budget,
                    "baseline_bytes": plan.baseline, "peak_bytes": plan.peak,
                    "min_budget_bytes": plan.min_budget, "workers": plan.workers},
         "components": comps,
