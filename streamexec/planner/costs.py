@@ -104,7 +104,8 @@ def op_seconds(graph: Graph, op: Op, cost: OpCost, params: dict, weight_shape: d
                weight_dtype: dict[str, str], rates: Rates = RATES) -> float:
     """Predicted compute seconds of ``op`` with kernel ``params`` (no weight loading, no spills:
     the fit charges those per unit). Bigger tiles are never predicted slower than smaller ones."""
-    from ..kernels.attention import default_tiles, kernel_workers
+    from ..kernels.attention import default_tiles
+    from ..kernels.threads import kernel_workers
     from ..kernels.conv import conv2d_plan
     from ..kernels.linear import default_panel_rows
 
@@ -115,11 +116,11 @@ def op_seconds(graph: Graph, op: Op, cost: OpCost, params: dict, weight_shape: d
         p = conv2d_plan(x, wshape, weight_dtype[op.weights["weight"]], stride=op.attrs.get("stride", 1),
                         pad=tuple(op.attrs["pad"]), upsample=op.attrs.get("upsample", False),
                         band_rows=params.get("band_rows"), panel_rows=params.get("panel_rows"))
-        cols = x[0] * p["band_rows"] * p["wout"]
-        rate = rates.gemm * _eff(cols, rates.half_rows) * _eff(p["panel_rows"], rates.half_cols)
-        if p["winograd"]:
+        cols = x[0] * p.band_rows * p.wout
+        rate = rates.gemm * _eff(cols, rates.half_rows) * _eff(p.panel_rows, rates.half_cols)
+        if p.winograd:
             rate *= rates.winograd
-        calls = p["n_bands"] * max(1, p["groups"])
+        calls = p.n_bands * max(1, p.groups)
         return rates.op + cost.flops / rate + calls * rates.call
     if k == "linear":
         m, n, kk, _ = cost.gemms[0]
