@@ -119,7 +119,8 @@ class Pipeline:
             what = "an SD 1.5" if self.kind == "sd15" else "a FLUX.1"
             raise StreamexecError(
                 f"{root}: {what} run needs {', '.join(self.components)}; missing {', '.join(missing)} "
-                "(point at a diffusers pipeline folder with model_index.json, or an SD 1.5 single file)")
+                "(point at a diffusers pipeline folder with model_index.json or an all-in-one file, or give the "
+                "files with --diffusion-model, --vae, --clip-l, --t5xxl)")
         for c in self.components:
             self.models[c] = MODEL_CLASSES[c](ckpt, ckpt.components[c], memory_budget, None, scratch_dir)
         self._sched: Any = None

@@ -1,0 +1,100 @@
+"""A checkpoint assembled from the separate files people download, one per role, in the
+stable-diffusion.cpp / ComfyUI convention: ``--diffusion-model`` (FLUX transformer or SD UNet),
+``--vae``, ``--clip-l``, ``--t5xxl``. Each file is recognised by its keys (``layouts``), checked to
+hold the role it was given for, and may replace that component of a folder or all-in-one file.
+A folder of loose ``.safetensors`` files is assembled the same way, each file classified by what it
+holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint, Component, _open_single_file, open_checkpoint
+
+#: role -> the components a file given for it may hold (the first the role stands for).
+ROLES: dict[str, tuple[str, ...]] = {
+    "diffusion_model": ("transformer", "unet"),
+    "vae": ("vae",),
+    "clip_l": ("text_encoder",),
+    "t5xxl": ("text_encoder_2",),
+}
+#: the command-line spelling of each role
+FLAGS = {"diffusion_model": "--diffusion-model", "vae": "--vae", "clip_l": "--clip-l", "t5xxl": "--t5xxl"}
+_ROLE_OF = {c: r for r, comps in ROLES.items() for c in comps}
+
+
+def role_of(component: str) -> str | None:
+    """The role (flag) that supplies ``component``, or None (a component no flag names)."""
+    return _ROLE_OF.get(component)
+
+
+def _open_role(role: str, path: Path) -> Checkpoint:
+    """Open one file given for ``role``; refuse a folder, or a file that holds another model."""
+    if not path.exists():
+        raise CheckpointError(path, f"no such file (given as {FLAGS[role]})")
+    if not path.is_file():
+        raise CheckpointError(path, f"is a folder; {FLAGS[role]} takes one .safetensors file")
+    ckpt = _open_single_file(path)
+    held = [c for c in ROLES[role] if c in ckpt.components]
+    if not held:
+        found = ", ".join(f"{c} ({FLAGS.get(role_of(c) or '', 'no flag')})" for c in ckpt.components)
+        ckpt.close()
+        raise CheckpointError(path, f"given as {FLAGS[role]} but holds {found}: pass it with that flag")
+    return ckpt
+
+
+def assemble(model: str | Path | None, roles: dict[str, str | Path | None], variant: str | None = None) -> Checkpoint:
+    """The checkpoint of ``model`` (file, folder or None) with each role's file put in place of (or
+    added as) its component. ``roles`` maps role names (``ROLES``) to files; None values are skipped.
+    Two files for one role (the positional file and a flag) and files of the wrong role are refused."""
+    given = {r: Path(p) for r, p in roles.items() if p is not None}
+    unknown = set(given) - set(ROLES)
+    if unknown:
+        raise CheckpointError(", ".join(sorted(unknown)), f"unknown role (known: {', '.join(ROLES)})")
+    if model is None:
+        if not given:
+            raise CheckpointError("(no model)", "give MODEL or --diffusion-model FILE")
+        first = "diffusion_model" if "diffusion_model" in given else next(iter(given))
+        model = given.pop(first)
+        base = _open_role(first, Path(model))
+    else:
+        base = open_checkpoint(model, variant=variant)
+    parts: list[Checkpoint] = [base]
+    try:
+        components = dict(base.components)
+        owner = {name: Path(base.root) for name in components}
+        chosen: dict[str, str] = {}
+        for role, path in given.items():
+            part = _open_role(role, path)
+            parts.append(part)
+            for name in ROLES[role]:
+                if name not in part.components:
+                    continue
+                if base.kind == "file" and name in base.components and len(base.components) == 1:
+                    raise CheckpointError(path, f"two files for {FLAGS[role]}: {base.root} already is the {name}")
+                components[name] = part.components[name]
+                owner[name] = path
+            chosen[role] = str(path)
+        _check_one_denoiser(components, owner)
+        files = {}
+        for comp in components.values():
+            for t in comp.tensors.values():
+                for p in t.parts:
+                    files[p.path] = next(c.files[p.path] for c in parts if p.path in c.files)
+    except BaseException:
+        for c in parts:
+            c.close()
+        raise
+    for c in parts:  # files no component reads any more (a replaced VAE's)
+        for key, f in c.files.items():
+            if key not in files:
+                f.close()
+    kind = base.kind if not chosen else "files"
+    return Checkpoint(Path(model), kind, files, components, base.model_index, base.ignored, roles=chosen)
+
+
+def _check_one_denoiser(components: dict[str, Component], owner: dict[str, Path]) -> None:
+    if "unet" in components and "transformer" in components:
+        raise CheckpointError(owner["transformer"], f"a FLUX transformer together with an SD UNet "
+                              f"({owner['unet']}): give one diffusion model")

@@ -1,0 +1,199 @@
+"""Running from the separate files people download (issue 16): a tiny FLUX.1-schnell written as the
+four files of the ComfyUI / stable-diffusion.cpp set in their real layouts — ``flux1-schnell``
+(BFL keys), ``ae`` (BFL autoencoder keys), ``clip_l`` and ``t5xxl`` (transformers names, ComfyUI's
+files) — run with ``--diffusion-model --vae --clip-l --t5xxl --latents-in`` and compared with
+diffusers' ``FluxPipeline`` whose transformer and VAE come from diffusers' single-file loaders
+(``from_single_file(..., config=...)``) and whose text encoders hold the same tensors. Nothing in
+these files says their widths: streamexec reads them from the shapes (CLIP heads = width / 64, the
+FLUX head size 128 and its RoPE axes 16/56/56, the VAE's 32 norm groups and its scaling/shift
+factors — FLUX's for a 16-channel latent — are what shapes cannot tell, so the tiny model keeps
+those). Bad input: wrong role, two files for one role, a missing file: one line, exit 2, nothing
+written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import flux_converter  # noqa: E402
+from layout_keys import bfl_flux_shapes, ldm_vae_shapes  # noqa: E402
+
+from streamexec.configs import REFERENCE_DIR  # noqa: E402
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a lighthouse at dusk, oil painting"
+SIZE = 16  # pixels: 2-level VAE (2 latent pixels per image pixel), 2x2 packing -> 16 tokens
+MSL = 256  # schnell's default; run has no flag for it
+STEPS = 2
+PIX_TOL = 2  # of 255
+
+FLUX_CFG = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                num_attention_heads=1, joint_attention_dim=32, pooled_projection_dim=64, guidance_embeds=False,
+                axes_dims_rope=(16, 56, 56))
+VAE_CFG = dict(in_channels=3, out_channels=3, block_out_channels=(32, 32), latent_channels=16, layers_per_block=1,
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+               norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+               shift_factor=0.1159)
+
+
+def _values(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """~unit activations through a tiny model: norm scales near 1, other vectors small, matrices by fan-in."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, s in shapes.items():
+        if k.endswith(".scale") or (len(s) == 1 and "norm" in k and k.endswith("weight")):
+            out[k] = 1 + 0.1 * torch.randn(s, generator=g)
+        elif len(s) == 1:
+            out[k] = 0.02 * torch.randn(s, generator=g)
+        else:
+            out[k] = torch.randn(s, generator=g) / math.prod(s[1:]) ** 0.5
+    return out
+
+
+def _text_configs() -> tuple[dict, dict]:
+    clip = json.loads((REFERENCE_DIR / "sd15" / "text_encoder" / "config.json").read_text())
+    clip.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, projection_dim=64)
+    t5 = json.loads((REFERENCE_DIR / "flux-schnell" / "text_encoder_2" / "config.json").read_text())
+    t5.update(d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=2)
+    for c in (clip, t5):
+        for k in ("_name_or_path", "architectures", "torch_dtype", "transformers_version"):
+            c.pop(k, None)
+    return clip, t5
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The four files, and the diffusers reference pipeline built from them."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FluxPipeline as RefFlux
+    from diffusers.loaders import single_file_model
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from streamexec.pipelines.schedulers import FLUX_SCHNELL_SCHEDULER_CONFIG
+
+    root = tmp_path_factory.mktemp("four")
+    files = {"diffusion_model": root / "flux1-schnell.safetensors", "vae": root / "ae.safetensors",
+             "clip_l": root / "clip_l.safetensors", "t5xxl": root / "t5xxl_fp16.safetensors"}
+    configs = root / "configs"
+    for name, cls, cfg in (("transformer", FluxTransformer2DModel, FLUX_CFG), ("vae", AutoencoderKL, VAE_CFG)):
+        cls.from_config(cfg).save_config(configs / name)  # config.json only: diffusers' `config=`
+    save_file(_values(bfl_flux_shapes(FLUX_CFG), 1), str(files["diffusion_model"]))
+    save_file(_values(ldm_vae_shapes(VAE_CFG), 2), str(files["vae"]))
+    clip_cfg, t5_cfg = _text_configs()
+    torch.manual_seed(3)
+    clip = CLIPTextModel(CLIPTextConfig(**clip_cfg)).eval()
+    t5 = T5EncoderModel(T5Config(**t5_cfg)).eval()
+    with torch.no_grad():
+        for p in list(clip.parameters()) + list(t5.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    clip_sd = {k: v.contiguous() for k, v in clip.state_dict().items() if "position_ids" not in k}
+    save_file(clip_sd, str(files["clip_l"]))
+    sd = t5.state_dict()  # ComfyUI's t5xxl files store both tied embeddings
+    save_file({k: v.clone().contiguous() for k, v in sd.items()}, str(files["t5xxl"]))
+
+    loaders = single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    saved = loaders["checkpoint_mapping_fn"]
+    loaders["checkpoint_mapping_fn"] = flux_converter(FLUX_CFG["attention_head_dim"] * FLUX_CFG["num_attention_heads"])
+    try:
+        transformer = FluxTransformer2DModel.from_single_file(str(files["diffusion_model"]),
+                                                              config=str(configs / "transformer"))
+    finally:
+        loaders["checkpoint_mapping_fn"] = saved
+    vae = AutoencoderKL.from_single_file(str(files["vae"]), config=str(configs / "vae"))
+    ref = RefFlux(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHNELL_SCHEDULER_CONFIG),
+                  vae=vae.eval(), text_encoder=clip,
+                  tokenizer=CLIPTokenizer.from_pretrained(REFERENCE_DIR / "sd15" / "tokenizer"),
+                  text_encoder_2=t5,
+                  tokenizer_2=T5TokenizerFast.from_pretrained(REFERENCE_DIR / "flux-schnell" / "tokenizer_2"),
+                  transformer=transformer.eval())
+    return {"files": files, "ref": ref, "root": root}
+
+
+def streamexec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "streamexec", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def _flags(files: dict, **swap: Path) -> list[str]:
+    files = {**files, **swap}
+    return ["--diffusion-model", str(files["diffusion_model"]), "--vae", str(files["vae"]),
+            "--clip-l", str(files["clip_l"]), "--t5xxl", str(files["t5xxl"])]
+
+
+def test_four_files_match_diffusers(four: dict, tmp_path: Path) -> None:
+    from PIL import Image
+
+    packed = (1, (SIZE // 4) ** 2, 64)
+    latents = np.random.default_rng(9).standard_normal(packed, dtype=np.float32)
+    np.save(tmp_path / "lat.npy", latents)
+    r = streamexec("run", *_flags(four["files"]), "--prompt", PROMPT, "--steps", str(STEPS), "--height", str(SIZE),
+                   "--width", str(SIZE), "--latents-in", str(tmp_path / "lat.npy"),
+                   "--quiet", "-o", str(tmp_path / "out.png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ours = np.asarray(Image.open(tmp_path / "out.png").convert("RGB")).astype(np.float64)
+    with torch.no_grad():
+        ref = four["ref"](prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                          max_sequence_length=MSL, latents=torch.from_numpy(latents.copy()),
+                          output_type="np", return_dict=False)[0]
+    ref = np.asarray(ref)[0].astype(np.float64) * 255
+    assert ((ours > 0) & (ours < 255)).mean() > 0.7  # not a saturated picture
+    diff = float(np.abs(ours - ref).max())
+    print(f"four files vs diffusers: max pixel diff {diff:.2f}/255")
+    assert diff <= PIX_TOL
+
+
+def test_plan_records_every_file_and_run_reopens_them(four: dict, tmp_path: Path) -> None:
+    import yaml
+
+    files = four["files"]
+    r = streamexec("plan", *_flags(files), "--height", str(SIZE), "--width", str(SIZE), "-o", "p.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ck = yaml.safe_load((tmp_path / "p.yaml").read_text())["checkpoint"]
+    assert ck["root"] == str(files["diffusion_model"])
+    assert {f["path"] for f in ck["files"]} == {str(p) for p in files.values()}
+    assert all(f["size"] == Path(f["path"]).stat().st_size and len(f["header_sha256"]) == 64 for f in ck["files"])
+    assert ck["roles"] == {r: str(files[r]) for r in ("vae", "clip_l", "t5xxl")}
+    r = streamexec("plan", str(files["diffusion_model"]), "--check", "--vae", str(files["vae"]),
+                   "--clip_l", str(files["clip_l"]), "--t5xxl", str(files["t5xxl"]), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert name in r.stdout
+
+
+def _one_line_exit_2(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_role_files_are_one_line_errors(four: dict, tmp_path: Path) -> None:
+    files = four["files"]
+    # a VAE passed as --t5xxl
+    r = streamexec("run", *_flags(files, t5xxl=files["vae"]), "--prompt", "x", "-o", "o.png", cwd=tmp_path)
+    _one_line_exit_2(r, str(files["vae"]), "--t5xxl", "--vae")
+    # two files for the diffusion model: MODEL and --diffusion-model
+    r = streamexec("plan", str(files["diffusion_model"]), *_flags(files), "-o", "p.yaml", cwd=tmp_path)
+    _one_line_exit_2(r, "two files", "--diffusion-model")
+    # a missing file
+    r = streamexec("plan", *_flags(files, clip_l=tmp_path / "nope.safetensors"), "-o", "p.yaml", cwd=tmp_path)
+    _one_line_exit_2(r, "nope.safetensors", "--clip-l")
+    assert not list(tmp_path.iterdir())  # nothing written
