@@ -197,3 +197,55 @@ def test_bad_role_files_are_one_line_errors(four: dict, tmp_path: Path) -> None:
     r = streamexec("plan", *_flags(files, clip_l=tmp_path / "nope.safetensors"), "-o", "p.yaml", cwd=tmp_path)
     _one_line_exit_2(r, "nope.safetensors", "--clip-l")
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def _link_folder(folder: Path, files: dict) -> Path:
+    folder.mkdir()
+    for p in files.values():
+        (folder / p.name).symlink_to(p)
+    return folder
+
+
+def test_loose_folder_is_assembled_by_what_the_files_hold(four: dict, tmp_path: Path) -> None:
+    from streamexec.pipelines.generate import Request, open_pipeline
+    from streamexec.weights.roles import assemble
+
+    files = four["files"]
+    folder = _link_folder(tmp_path / "flux", files)
+    save_file({"lora_unet_down.alpha": torch.ones(())}, str(folder / "a-lora.safetensors"))  # no model: left out
+    ckpt = assemble(folder, {})
+    try:
+        assert ckpt.kind == "folder" and ckpt.ignored == ["a-lora.safetensors"]
+        owner = {n: {Path(p.path).name for t in c.tensors.values() for p in t.parts}
+                 for n, c in ckpt.components.items()}
+        assert owner == {"transformer": {"flux1-schnell.safetensors"}, "vae": {"ae.safetensors"},
+                         "text_encoder": {"clip_l.safetensors"}, "text_encoder_2": {"t5xxl_fp16.safetensors"}}
+    finally:
+        ckpt.close()
+    # the folder runs as the four flags do (same latents in, same image out)
+    lat = np.random.default_rng(9).standard_normal((1, (SIZE // 4) ** 2, 64), dtype=np.float32)
+    req = Request(PROMPT, steps=1, height=SIZE, width=SIZE, latents_in=lat)
+    with open_pipeline(folder) as a, open_pipeline(None, files=files) as b:
+        assert np.array_equal(a(req).image, b(req).image)
+
+
+def test_loose_folder_ambiguous_or_incomplete(four: dict, tmp_path: Path) -> None:
+    from streamexec.errors import StreamexecError
+    from streamexec.pipelines.generate import open_pipeline
+    from streamexec.weights.roles import assemble
+
+    files = four["files"]
+    folder = _link_folder(tmp_path / "two-vaes", files)
+    (folder / "other-ae.safetensors").symlink_to(files["vae"])
+    with pytest.raises(StreamexecError) as e:
+        assemble(folder, {})
+    msg = str(e.value)
+    assert "\n" not in msg and "ae.safetensors, other-ae.safetensors" in msg and "--vae" in msg
+    ckpt = assemble(folder, {"vae": files["vae"]})  # the flag picks
+    assert ckpt.roles == {"vae": str(files["vae"])}
+    ckpt.close()
+    partial = _link_folder(tmp_path / "no-t5", {k: v for k, v in files.items() if k != "t5xxl"})
+    with pytest.raises(StreamexecError) as e:
+        open_pipeline(partial)
+    msg = str(e.value)
+    assert "\n" not in msg and "missing text_encoder_2 (--t5xxl FILE)" in msg

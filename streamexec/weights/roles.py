@@ -3,13 +3,13 @@ stable-diffusion.cpp / ComfyUI convention: ``--diffusion-model`` (FLUX transform
 ``--vae``, ``--clip-l``, ``--t5xxl``. Each file is recognised by its keys (``layouts``), checked to
 hold the role it was given for, and may replace that component of a folder or all-in-one file.
 A folder of loose ``.safetensors`` files is assembled the same way, each file classified by what it
-holds."""
+holds (``open_loose_folder``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LayoutError
 from .checkpoint import Checkpoint, Component, _open_single_file, open_checkpoint
 
 #: role -> the components a file given for it may hold (the first the role stands for).
@@ -58,6 +58,8 @@ def assemble(model: str | Path | None, roles: dict[str, str | Path | None], vari
         first = "diffusion_model" if "diffusion_model" in given else next(iter(given))
         model = given.pop(first)
         base = _open_role(first, Path(model))
+    elif _is_loose_folder(Path(model)):
+        base = open_loose_folder(Path(model), skip=given)
     else:
         base = open_checkpoint(model, variant=variant)
     parts: list[Checkpoint] = [base]
@@ -98,3 +100,53 @@ def _check_one_denoiser(components: dict[str, Component], owner: dict[str, Path]
     if "unet" in components and "transformer" in components:
         raise CheckpointError(owner["transformer"], f"a FLUX transformer together with an SD UNet "
                               f"({owner['unet']}): give one diffusion model")
+
+
+def _is_loose_folder(path: Path) -> bool:
+    return (path.is_dir() and not (path / "model_index.json").is_file() and not (path / "config.json").is_file()
+            and any(path.glob("*.safetensors")))
+
+
+def open_loose_folder(folder: Path, skip: dict[str, Path] | None = None) -> Checkpoint:
+    """A folder of loose ``.safetensors`` files (no ``model_index.json``): each file classified by its
+    keys, one file per component. Components of the roles in ``skip`` (given by flags) are not
+    looked for; two candidates for one component are refused, naming them and the flag that picks.
+    Files of no layout streamexec knows (a LoRA, an upscaler) are left out and listed in ``ignored``."""
+    skipped = {c for r in (skip or {}) for c in ROLES[r]}
+    opened: list[Checkpoint] = []
+    ignored: list[str] = []
+    found: dict[str, list[Checkpoint]] = {}
+    try:
+        for p in sorted(folder.glob("*.safetensors")):
+            try:
+                ckpt = _open_single_file(p)
+            except LayoutError:
+                ignored.append(p.name)
+                continue
+            opened.append(ckpt)
+            for name in ckpt.components:
+                if name not in skipped:
+                    found.setdefault(name, []).append(ckpt)
+        if not found:
+            raise CheckpointError(folder, "no .safetensors file here holds a model streamexec knows "
+                                  f"(left out: {', '.join(ignored) or 'none'})")
+        clash = [(n, cs) for n, cs in found.items() if len(cs) > 1]
+        if clash:
+            n, cs = clash[0]
+            raise CheckpointError(folder, f"{len(cs)} files hold a {n} ({', '.join(Path(c.root).name for c in cs)}): "
+                                  f"pick one with {FLAGS[role_of(n) or 'diffusion_model']} FILE")
+        components = {n: cs[0].components[n] for n, cs in found.items()}
+        _check_one_denoiser(components, {n: Path(cs[0].root) for n, cs in found.items()})
+    except BaseException:
+        for c in opened:
+            c.close()
+        raise
+    used = {p.path for comp in components.values() for t in comp.tensors.values() for p in t.parts}
+    files = {}
+    for c in opened:
+        for key, f in c.files.items():
+            if key in used:
+                files[key] = f
+            else:
+                f.close()
+    return Checkpoint(folder, "folder", files, components, ignored=ignored)
