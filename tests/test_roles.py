@@ -193,6 +193,16 @@ def test_bad_role_files_are_one_line_errors(four: dict, tmp_path: Path) -> None:
     # two files for the diffusion model: MODEL and --diffusion-model
     r = streamexec("plan", str(files["diffusion_model"]), *_flags(files), "-o", "p.yaml", cwd=tmp_path)
     _one_line_exit_2(r, "two files", "--diffusion-model")
+    # a T5 whose width is not what the transformer reads (FLUX_CFG joint_attention_dim 32)
+    from transformers import T5Config, T5EncoderModel
+
+    wide = four["root"] / "t5xxl-wide.safetensors"
+    if not wide.exists():
+        _, t5_cfg = _text_configs()
+        sd = T5EncoderModel(T5Config(**{**t5_cfg, "d_model": 48})).state_dict()
+        save_file({k: v.clone().contiguous() for k, v in sd.items()}, str(wide))
+    r = streamexec("plan", *_flags(files, t5xxl=wide), "-o", "p.yaml", cwd=tmp_path)
+    _one_line_exit_2(r, str(wide), "width 48", "flux1-schnell.safetensors", "width 32")
     # a missing file
     r = streamexec("plan", *_flags(files, clip_l=tmp_path / "nope.safetensors"), "-o", "p.yaml", cwd=tmp_path)
     _one_line_exit_2(r, "nope.safetensors", "--clip-l")

@@ -79,6 +79,8 @@ def assemble(model: str | Path | None, roles: dict[str, str | Path | None], vari
                 owner[name] = path
             chosen[role] = str(path)
         _check_one_denoiser(components, owner)
+        if chosen:  # files put together here (a folder or pipeline made as one is left as it is)
+            check_shapes(components, owner, given=set(chosen))
         files = {}
         for comp in components.values():
             for t in comp.tensors.values():
@@ -136,7 +138,9 @@ def open_loose_folder(folder: Path, skip: dict[str, Path] | None = None) -> Chec
             raise CheckpointError(folder, f"{len(cs)} files hold a {n} ({', '.join(Path(c.root).name for c in cs)}): "
                                   f"pick one with {FLAGS[role_of(n) or 'diffusion_model']} FILE")
         components = {n: cs[0].components[n] for n, cs in found.items()}
-        _check_one_denoiser(components, {n: Path(cs[0].root) for n, cs in found.items()})
+        owner = {n: Path(cs[0].root) for n, cs in found.items()}
+        _check_one_denoiser(components, owner)
+        check_shapes(components, owner)
     except BaseException:
         for c in opened:
             c.close()
@@ -150,3 +154,45 @@ def open_loose_folder(folder: Path, skip: dict[str, Path] | None = None) -> Chec
             else:
                 f.close()
     return Checkpoint(folder, "folder", files, components, ignored=ignored)
+
+
+#: (component, internal key, dim, what) of the sizes one component must agree on with another.
+_SIZES = {
+    "flux_in": ("transformer", "x_embedder.weight", 1, "takes latents of {} channels (2x2 packed)"),
+    "flux_txt": ("transformer", "context_embedder.weight", 1, "takes T5 states of width {}"),
+    "flux_pooled": ("transformer", "time_text_embed.text_embedder.linear_1.weight", 1,
+                    "takes a pooled CLIP vector of width {}"),
+    "unet_out": ("unet", "conv_out.weight", 0, "predicts latents of {} channels"),
+    "unet_cross": ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", 1,
+                   "takes text states of width {}"),
+    "clip": ("text_encoder", "text_model.embeddings.token_embedding.weight", 1, "has width {}"),
+    "t5": ("text_encoder_2", "encoder.embed_tokens.weight", 1, "has width {}"),
+    "latent": ("vae", "decoder.conv_in.weight", 1, "has {} latent channels"),
+}
+#: pairs that must agree: (denoiser size, other size, factor: denoiser = factor * other)
+_AGREE = (("flux_in", "latent", 4), ("flux_txt", "t5", 1), ("flux_pooled", "clip", 1), ("unet_out", "latent", 1),
+          ("unet_cross", "clip", 1))
+
+
+def check_shapes(components: dict[str, Component], owner: dict[str, Path], given: set[str] | None = None) -> None:
+    """Refuse components whose sizes disagree (headers only): a VAE whose latent channels are not
+    what the denoiser takes, a CLIP or T5 whose width is not the one it reads. The message names the
+    file of the component given separately (else the other one's) and what each side has."""
+
+    def size(name: str) -> int | None:
+        comp, key, dim, _ = _SIZES[name]
+        t = components.get(comp)
+        m = None if t is None else t.tensors.get(key)
+        return None if m is None or len(m.shape) <= dim else int(m.shape[dim])
+
+    for den, other, factor in _AGREE:
+        if den == "unet_cross" and "text_encoder_2" in components:
+            continue  # two text encoders (SDXL): the UNet reads both widths together
+        a, b = size(den), size(other)
+        if a is None or b is None or a == factor * b:
+            continue
+        dcomp, ocomp = _SIZES[den][0], _SIZES[other][0]
+        given = given or set()
+        blame = dcomp if role_of(dcomp) in given and role_of(ocomp) not in given else ocomp
+        raise CheckpointError(owner[blame], f"{ocomp} {_SIZES[other][3].format(b)} but the {dcomp} "
+                              f"({owner[dcomp].name}) {_SIZES[den][3].format(a // factor)}")
