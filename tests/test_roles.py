@@ -125,7 +125,7 @@ def four(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"files": files, "ref": ref, "root": root}
 
 
-def streamexec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def streamexec_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "streamexec", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
@@ -143,7 +143,7 @@ def test_four_files_match_diffusers(four: dict, tmp_path: Path) -> None:
     packed = (1, (SIZE // 4) ** 2, 64)
     latents = np.random.default_rng(9).standard_normal(packed, dtype=np.float32)
     np.save(tmp_path / "lat.npy", latents)
-    r = streamexec("run", *_flags(four["files"]), "--prompt", PROMPT, "--steps", str(STEPS), "--height", str(SIZE),
+    r = streamexec_cli("run", *_flags(four["files"]), "--prompt", PROMPT, "--steps", str(STEPS), "--height", str(SIZE),
                    "--width", str(SIZE), "--latents-in", str(tmp_path / "lat.npy"),
                    "--quiet", "-o", str(tmp_path / "out.png"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -163,18 +163,21 @@ def test_plan_records_every_file_and_run_reopens_them(four: dict, tmp_path: Path
     import yaml
 
     files = four["files"]
-    r = streamexec("plan", *_flags(files), "--height", str(SIZE), "--width", str(SIZE), "-o", "p.yaml", cwd=tmp_path)
+    r = streamexec_cli("plan", *_flags(files), "--height", str(SIZE), "--width", str(SIZE), "-o", "p.yaml",
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ck = yaml.safe_load((tmp_path / "p.yaml").read_text())["checkpoint"]
     assert ck["root"] == str(files["diffusion_model"])
     assert {f["path"] for f in ck["files"]} == {str(p) for p in files.values()}
     assert all(f["size"] == Path(f["path"]).stat().st_size and len(f["header_sha256"]) == 64 for f in ck["files"])
     assert ck["roles"] == {r: str(files[r]) for r in ("vae", "clip_l", "t5xxl")}
-    r = streamexec("plan", str(files["diffusion_model"]), "--check", "--vae", str(files["vae"]),
+    r = streamexec_cli("plan", str(files["diffusion_model"]), "--check", "--vae", str(files["vae"]),
                    "--clip_l", str(files["clip_l"]), "--t5xxl", str(files["t5xxl"]), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        assert name in r.stdout
+    for line in ("transformer", "bfl-flux from flux1-schnell.safetensors"), ("vae", "bfl-ae from ae.safetensors"), \
+            ("text_encoder", "comfy-clip-l from clip_l.safetensors"), \
+            ("text_encoder_2", "comfy-t5 from t5xxl_fp16.safetensors"):
+        assert any(x.strip().startswith(line[0] + " ") and line[1] in x for x in r.stdout.splitlines()), r.stdout
 
 
 def _one_line_exit_2(r: subprocess.CompletedProcess, *words: str) -> None:
@@ -188,10 +191,10 @@ def _one_line_exit_2(r: subprocess.CompletedProcess, *words: str) -> None:
 def test_bad_role_files_are_one_line_errors(four: dict, tmp_path: Path) -> None:
     files = four["files"]
     # a VAE passed as --t5xxl
-    r = streamexec("run", *_flags(files, t5xxl=files["vae"]), "--prompt", "x", "-o", "o.png", cwd=tmp_path)
+    r = streamexec_cli("run", *_flags(files, t5xxl=files["vae"]), "--prompt", "x", "-o", "o.png", cwd=tmp_path)
     _one_line_exit_2(r, str(files["vae"]), "--t5xxl", "--vae")
     # two files for the diffusion model: MODEL and --diffusion-model
-    r = streamexec("plan", str(files["diffusion_model"]), *_flags(files), "-o", "p.yaml", cwd=tmp_path)
+    r = streamexec_cli("plan", str(files["diffusion_model"]), *_flags(files), "-o", "p.yaml", cwd=tmp_path)
     _one_line_exit_2(r, "two files", "--diffusion-model")
     # a T5 whose width is not what the transformer reads (FLUX_CFG joint_attention_dim 32)
     from transformers import T5Config, T5EncoderModel
@@ -201,10 +204,10 @@ def test_bad_role_files_are_one_line_errors(four: dict, tmp_path: Path) -> None:
         _, t5_cfg = _text_configs()
         sd = T5EncoderModel(T5Config(**{**t5_cfg, "d_model": 48})).state_dict()
         save_file({k: v.clone().contiguous() for k, v in sd.items()}, str(wide))
-    r = streamexec("plan", *_flags(files, t5xxl=wide), "-o", "p.yaml", cwd=tmp_path)
+    r = streamexec_cli("plan", *_flags(files, t5xxl=wide), "-o", "p.yaml", cwd=tmp_path)
     _one_line_exit_2(r, str(wide), "width 48", "flux1-schnell.safetensors", "width 32")
     # a missing file
-    r = streamexec("plan", *_flags(files, clip_l=tmp_path / "nope.safetensors"), "-o", "p.yaml", cwd=tmp_path)
+    r = streamexec_cli("plan", *_flags(files, clip_l=tmp_path / "nope.safetensors"), "-o", "p.yaml", cwd=tmp_path)
     _one_line_exit_2(r, "nope.safetensors", "--clip-l")
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -259,3 +262,87 @@ def test_loose_folder_ambiguous_or_incomplete(four: dict, tmp_path: Path) -> Non
         open_pipeline(partial)
     msg = str(e.value)
     assert "\n" not in msg and "missing text_encoder_2 (--t5xxl FILE)" in msg
+
+
+# ------------------------------------------------------------------------------- scaled fp8 (ComfyUI)
+
+F8 = torch.float8_e4m3fn
+
+
+def _scaled(values: dict[str, torch.Tensor], seed: int, spelling: str = ".scale_weight",
+            keep: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(what a ComfyUI scaled-fp8 file stores, the f32 weights it means): every matrix but ``keep``
+    as e4m3 of value / scale with an f32 ``<layer>.scale_weight`` (the reference multiplies back in
+    torch), the rest f32, and the ``scaled_fp8`` marker."""
+    g = torch.Generator().manual_seed(seed)
+    stored: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=F8)}
+    meant: dict[str, torch.Tensor] = {}
+    for k, v in values.items():
+        if v.ndim == 2 and k.endswith(".weight") and not k.endswith(keep):
+            s = float(v.abs().max()) / 200 * (0.5 + torch.rand((), generator=g).item())
+            q = (v / s).to(F8)
+            stored[k] = q
+            stored[k[: -len(".weight")] + spelling] = torch.tensor([s], dtype=torch.float32)
+            stored[k[: -len(".weight")] + ".scale_input"] = torch.ones(1)
+            meant[k] = q.to(torch.float32) * torch.tensor(s, dtype=torch.float32)
+        else:
+            stored[k] = v.clone().contiguous()
+            meant[k] = v.clone()
+    return stored, meant
+
+
+def test_scaled_fp8_flux_transformer_and_t5(tmp_path: Path) -> None:
+    from diffusers import FluxTransformer2DModel
+    from helpers import flux_inputs, rel_err
+    from transformers import T5Config, T5EncoderModel
+
+    import streamexec
+
+    # FLUX transformer, BFL keys, .scale_weight
+    stored, meant = _scaled(_values(bfl_flux_shapes(FLUX_CFG), 5), 6)
+    save_file(stored, str(tmp_path / "flux1-schnell-fp8-scaled.safetensors"))
+    model = FluxTransformer2DModel(**FLUX_CFG).eval()
+    model.load_state_dict(flux_converter(128)(meant), strict=True)
+    inputs = flux_inputs(FLUX_CFG, 1, 4, 4, 6, seed=7)
+    with torch.no_grad():
+        ref = model(**inputs).sample
+    ours = streamexec.load(tmp_path / "flux1-schnell-fp8-scaled.safetensors", component="transformer")(
+        **{k: None if v is None else v.numpy() for k, v in inputs.items()})
+    assert rel_err(ours, ref) <= 1e-5
+    # T5, the newer .weight_scale spelling; token embedding unscaled
+    _, t5_cfg = _text_configs()
+    t5 = T5EncoderModel(T5Config(**t5_cfg)).eval()
+    sd = {k: v.clone() for k, v in t5.state_dict().items()}
+    stored, meant = _scaled(sd, 8, ".weight_scale", keep=("shared.weight", "embed_tokens.weight"))
+    save_file(stored, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    t5.load_state_dict(meant, strict=True)
+    ids = torch.randint(0, 32000, (1, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = t5(ids).last_hidden_state
+    ours = streamexec.load(component="text_encoder_2", t5xxl=tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")(
+        input_ids=ids.numpy())
+    assert rel_err(ours, ref) <= 1e-4
+
+
+def test_scaled_fp8_bad_scales_are_one_line_errors(tmp_path: Path) -> None:
+    import streamexec
+    from streamexec.errors import StreamexecError
+
+    stored, _ = _scaled(_values(bfl_flux_shapes(FLUX_CFG), 5), 6)
+    save_file(stored, str(tmp_path / "good.safetensors"))
+    r = streamexec_cli("plan", "--check", "--diffusion-model", str(tmp_path / "good.safetensors"), cwd=tmp_path)
+    assert r.returncode == 0 and "fp8_e4m3 scaled" in r.stdout, r.stderr
+    missing = dict(stored)
+    del missing["double_blocks.0.img_attn.qkv.scale_weight"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    r = streamexec_cli("plan", "--check", "--diffusion-model", str(tmp_path / "missing.safetensors"), cwd=tmp_path)
+    _one_line_exit_2(r, "missing.safetensors", "double_blocks.0.img_attn.qkv.weight", "no scale_weight")
+    bad = dict(stored)
+    bad["double_blocks.0.img_attn.qkv.scale_weight"] = torch.tensor([float("inf")])
+    save_file(bad, str(tmp_path / "inf.safetensors"))
+    from helpers import flux_inputs
+
+    inputs = {k: None if v is None else v.numpy() for k, v in flux_inputs(FLUX_CFG, 1, 2, 2, 3, seed=1).items()}
+    with pytest.raises(StreamexecError) as e:
+        streamexec.load(tmp_path / "inf.safetensors", component="transformer")(**inputs)
+    assert "\n" not in str(e.value) and "not finite" in str(e.value) and "inf.safetensors" in str(e.value)
