@@ -346,3 +346,31 @@ def test_scaled_fp8_bad_scales_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(StreamexecError) as e:
         streamexec.load(tmp_path / "inf.safetensors", component="transformer")(**inputs)
     assert "\n" not in str(e.value) and "not finite" in str(e.value) and "inf.safetensors" in str(e.value)
+
+
+def test_all_in_one_file_runs_as_the_four_files(four: dict, tmp_path: Path) -> None:
+    """Comfy-Org's ``flux1-schnell-fp8.safetensors`` layout: the four files' tensors under
+    ``model.diffusion_model.``, ``vae.``, ``text_encoders.clip_l.transformer.`` and
+    ``text_encoders.t5xxl.transformer.`` in one file, given as MODEL: the same image as the four
+    files (which match diffusers, above)."""
+    from safetensors.torch import load_file
+
+    from streamexec.pipelines.generate import Request, open_pipeline
+
+    files = four["files"]
+    prefix = {"diffusion_model": "model.diffusion_model.", "vae": "vae.",
+              "clip_l": "text_encoders.clip_l.transformer.", "t5xxl": "text_encoders.t5xxl.transformer."}
+    merged = {prefix[r] + k: v for r, p in files.items() for k, v in load_file(str(p)).items()}
+    save_file(merged, str(tmp_path / "flux1-schnell-aio.safetensors"))
+    lat = np.random.default_rng(9).standard_normal((1, (SIZE // 4) ** 2, 64), dtype=np.float32)
+    req = Request(PROMPT, steps=1, height=SIZE, width=SIZE, latents_in=lat)
+    with open_pipeline(tmp_path / "flux1-schnell-aio.safetensors") as a, open_pipeline(None, files=files) as b:
+        assert a.checkpoint.kind == "file" and sorted(a.checkpoint.components) == sorted(b.checkpoint.components)
+        want = b(req).image
+        assert np.array_equal(a(req).image, want)
+    # --vae replaces the all-in-one file's VAE (the same tensors here: the same image)
+    with open_pipeline(tmp_path / "flux1-schnell-aio.safetensors", files={"vae": files["vae"]}) as c:
+        assert c.checkpoint.roles == {"vae": str(files["vae"])}
+        assert {Path(p.path).name for t in c.checkpoint.components["vae"].tensors.values() for p in t.parts} \
+            == {"ae.safetensors"}
+        assert np.array_equal(c(req).image, want)
