@@ -374,3 +374,46 @@ def test_all_in_one_file_runs_as_the_four_files(four: dict, tmp_path: Path) -> N
         assert {Path(p.path).name for t in c.checkpoint.components["vae"].tensors.values() for p in t.parts} \
             == {"ae.safetensors"}
         assert np.array_equal(c(req).image, want)
+
+
+# ---------------------------------------------------------------------- SD 1.5 single file + --vae
+
+UNET_CFG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
+                norm_num_groups=32)
+
+
+def test_sd15_single_file_unet_reads_its_shapes_and_takes_an_external_vae(tmp_path: Path) -> None:
+    """A tiny SD 1.5 LDM single file (UNet of other widths/depths than SD 1.5's, 8 heads and 32 norm
+    groups as published) with a separate VAE: the UNet matches diffusers' ``from_single_file``, and
+    ``--vae`` supplies the VAE the file's own is replaced by."""
+    from diffusers import UNet2DConditionModel
+    from helpers import rel_err
+    from layout_keys import ldm_unet_shapes
+
+    import streamexec
+    from streamexec.weights.roles import assemble
+
+    full = dict(UNet2DConditionModel.from_config(UNET_CFG).config)
+    unet = {"model.diffusion_model." + k: v for k, v in _values(ldm_unet_shapes(full), 11).items()}
+    sd_vae = {**VAE_CFG, "latent_channels": 4, "use_quant_conv": True, "use_post_quant_conv": True}
+    own_vae = {"first_stage_model." + k: v for k, v in _values(ldm_vae_shapes(sd_vae), 12).items()}
+    save_file({**unet, **own_vae}, str(tmp_path / "v1-5-tiny.safetensors"))
+    save_file(_values(ldm_vae_shapes(sd_vae), 13), str(tmp_path / "vae-ft-mse.safetensors"))
+    UNet2DConditionModel.from_config(UNET_CFG).save_config(tmp_path / "unet-config")
+    ref = UNet2DConditionModel.from_single_file(str(tmp_path / "v1-5-tiny.safetensors"),
+                                                config=str(tmp_path / "unet-config")).eval()
+    g = torch.Generator().manual_seed(14)
+    x, c, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 64, generator=g), torch.tensor([500.0])
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=c).sample
+    ours = streamexec.load(tmp_path / "v1-5-tiny.safetensors", component="unet")(
+        sample=x.numpy(), timestep=t.numpy(), encoder_hidden_states=c.numpy())
+    assert rel_err(ours, want) <= 1e-4
+    ckpt = assemble(tmp_path / "v1-5-tiny.safetensors", {"vae": tmp_path / "vae-ft-mse.safetensors"})
+    try:
+        vae_files = {Path(p.path).name for t in ckpt.components["vae"].tensors.values() for p in t.parts}
+        assert vae_files == {"vae-ft-mse.safetensors"} and ckpt.components["vae"].config["latent_channels"] == 4
+    finally:
+        ckpt.close()

@@ -49,9 +49,10 @@ def _count(tensors: dict, pattern: str) -> int:
 
 def from_shapes(component: str, tensors: dict, base: dict) -> dict:
     """``base`` with the sizes the tensors (internal names, anything with ``.shape``) determine:
-    CLIP width, depth, MLP width, vocabulary and positions (heads = width / 64); VAE channel
+    CLIP width, depth, MLP width, vocabulary and positions (heads = width / 64); UNet channels,
+    levels, resnets per level, which levels attend, text width, projection kind; VAE channel
     widths, resnets per block and latent channels. What shapes cannot tell (activation, norm
-    groups, scaling factors) stays the published value."""
+    groups, the UNet's heads, scaling factors) stays the published value."""
     cfg = dict(base)
     if component == "text_encoder":
         emb = tensors.get("text_model.embeddings.token_embedding.weight")
@@ -67,6 +68,8 @@ def from_shapes(component: str, tensors: dict, base: dict) -> dict:
         pos = tensors.get("text_model.embeddings.position_embedding.weight")
         if pos is not None:
             cfg["max_position_embeddings"] = int(pos.shape[0])
+    elif component == "unet":
+        _unet_from_shapes(cfg, tensors)
     elif component == "vae":
         blocks = _count(tensors, "encoder.down_blocks.{}.resnets.0.conv1.weight")
         if blocks:
@@ -88,3 +91,23 @@ def _load(rel: str) -> dict:
     cfg = json.loads((REFERENCE_DIR / rel / "config.json").read_text())
     cfg["_streamexec_default"] = f"streamexec/configs/{rel}/config.json"
     return cfg
+
+
+def _unet_from_shapes(cfg: dict, tensors: dict) -> None:
+    if "conv_in.weight" not in tensors or "conv_out.weight" not in tensors:
+        return
+    cfg["in_channels"] = int(tensors["conv_in.weight"].shape[1])
+    cfg["out_channels"] = int(tensors["conv_out.weight"].shape[0])
+    levels = _count(tensors, "down_blocks.{}.resnets.0.conv1.weight")
+    cfg["block_out_channels"] = [int(tensors[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
+                                 for i in range(levels)]
+    cfg["layers_per_block"] = _count(tensors, "down_blocks.0.resnets.{}.conv1.weight")
+    attends = [f"down_blocks.{i}.attentions.0.proj_in.weight" in tensors for i in range(levels)]
+    cfg["down_block_types"] = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends]
+    cfg["up_block_types"] = ["CrossAttnUpBlock2D" if f"up_blocks.{i}.attentions.0.proj_in.weight" in tensors
+                             else "UpBlock2D" for i in range(levels)]
+    first = next((i for i, a in enumerate(attends) if a), None)
+    if first is not None:
+        p = f"down_blocks.{first}.attentions.0"
+        cfg["cross_attention_dim"] = int(tensors[f"{p}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+        cfg["use_linear_projection"] = len(tensors[f"{p}.proj_in.weight"].shape) == 2
