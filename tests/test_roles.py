@@ -171,6 +171,12 @@ def test_plan_records_every_file_and_run_reopens_them(four: dict, tmp_path: Path
     assert {f["path"] for f in ck["files"]} == {str(p) for p in files.values()}
     assert all(f["size"] == Path(f["path"]).stat().st_size and len(f["header_sha256"]) == 64 for f in ck["files"])
     assert ck["roles"] == {r: str(files[r]) for r in ("vae", "clip_l", "t5xxl")}
+    # run reopens the plan's files by role (no flags); another file for a role is refused
+    r = streamexec_cli("run", "p.yaml", "--prompt", PROMPT, "--steps", "1", "--quiet", "-o", "a.png", cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "a.png").is_file(), r.stderr
+    r = streamexec_cli("run", "p.yaml", "--vae", str(files["t5xxl"]), "--prompt", "x", "-o", "b.png", cwd=tmp_path)
+    _one_line_exit_2(r, "--vae")
+    assert not (tmp_path / "b.png").exists()
     r = streamexec_cli("plan", str(files["diffusion_model"]), "--check", "--vae", str(files["vae"]),
                    "--clip_l", str(files["clip_l"]), "--t5xxl", str(files["t5xxl"]), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
