@@ -21,7 +21,8 @@ from .planner.menus import ParamMenus
 from .runtime.executor import Executor
 from .runtime.process import measure_baseline
 from .sizes import parse_budget
-from .weights.checkpoint import Checkpoint, Component, open_checkpoint
+from .weights.checkpoint import Checkpoint, Component
+from .weights.roles import assemble
 from .weights.store import WeightStore
 
 
@@ -278,9 +279,10 @@ MODEL_CLASSES: dict[str, type[StreamedModel]] = {
 }
 
 
-def load(path: str | Path, component: str | None = None, memory_budget: str | int | None = None,
+def load(path: str | Path | None = None, component: str | None = None, memory_budget: str | int | None = None,
          variant: str | None = None, *, baseline: int | None = None, scratch_dir: str | None = None,
-         strict: bool = False) -> StreamedModel:
+         strict: bool = False, diffusion_model: str | Path | None = None, vae: str | Path | None = None,
+         clip_l: str | Path | None = None, t5xxl: str | Path | None = None) -> StreamedModel:
     """Open ``path`` (file, component folder or pipeline folder) and return one component, ready
     to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound,
     the fastest schedule; "min" = the fastest schedule within the smallest budget that fits;
@@ -292,9 +294,12 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
     own weights, activations and scratch, e.g. when embedding streamexec in a larger program.
     ``scratch_dir``: where activations that do not fit are spilled (default: the temp folder).
     ``strict``: if the process goes over a byte budget anyway (a planner mistake), raise
-    ``BudgetExceeded`` naming the op instead of adapting the rest of the run (the default)."""
+    ``BudgetExceeded`` naming the op instead of adapting the rest of the run (the default).
+    ``diffusion_model``, ``vae``, ``clip_l``, ``t5xxl``: separate files, one per role, as the CLI
+    flags (``path`` may then be None), e.g. ``load(component="vae", vae="ae.safetensors")``."""
     budget = parse_budget(memory_budget)
-    ckpt = open_checkpoint(path, variant=variant)
+    ckpt = assemble(path, {"diffusion_model": diffusion_model, "vae": vae, "clip_l": clip_l, "t5xxl": t5xxl},
+                    variant=variant)
     comp = ckpt.component(component)
     cls = MODEL_CLASSES.get(comp.name)
     if cls is None:

@@ -34,6 +34,27 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="share of fresh noise per step, 0..1: ddim (default 0) and tcd (default 0.3)")
 
 
+def _add_role_flags(p: argparse.ArgumentParser) -> None:
+    """stable-diffusion.cpp's per-file flags (issue 16): each names one component's file."""
+    g = p.add_argument_group("separate files (each may also replace that component of MODEL)")
+    g.add_argument("--diffusion-model", metavar="FILE", help="FLUX transformer or SD UNet file (may stand for MODEL)")
+    g.add_argument("--vae", metavar="FILE", help="VAE file (e.g. ae.safetensors, vae-ft-mse-840000-ema-pruned)")
+    g.add_argument("--clip-l", "--clip_l", dest="clip_l", metavar="FILE", help="CLIP-L text encoder file")
+    g.add_argument("--t5xxl", metavar="FILE", help="T5-XXL text encoder file (FLUX)")
+
+
+def role_files(args: argparse.Namespace) -> dict[str, str]:
+    """The files given with the role flags, by role name (``weights.roles.ROLES``)."""
+    return {r: getattr(args, r) for r in ("diffusion_model", "vae", "clip_l", "t5xxl") if getattr(args, r, None)}
+
+
+def open_model(args: argparse.Namespace, model: str | None):
+    """MODEL (file or folder, or None) with the role flags' files in place."""
+    from .weights.roles import assemble
+
+    return assemble(model, role_files(args), variant=getattr(args, "variant", None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamexec",
@@ -56,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Reads headers only, never weight data."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="checkpoint file or folder")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint file or folder (or use --diffusion-model)")
+    _add_role_flags(p)
     p.add_argument(
         "--component", action="append",
         help="component(s) to plan: unet, vae, text_encoder, transformer, text_encoder_2 "
@@ -94,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a plan (or a model folder) and write a PNG",
         description="Execute PLAN (plan.yaml, or a model folder planned on the fly) and write an image.",
     )
-    r.add_argument("plan", metavar="PLAN", help="plan.yaml, or a model file/folder")
+    r.add_argument("plan", metavar="PLAN", nargs="?",
+                   help="plan.yaml, or a model file/folder (or use --diffusion-model)")
+    _add_role_flags(r)
     r.add_argument("--model", help="model folder for a shipped plan that does not name one")
     r.add_argument("--prompt", default="", help="text prompt")
     r.add_argument("--negative-prompt", default="", help="negative prompt (SD 1.5)")
@@ -159,10 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .models.describe import describe_checkpoint
-    from .weights.checkpoint import open_checkpoint
 
     budget = parse_budget(args.memory_budget)
-    ckpt = open_checkpoint(args.model, variant=args.variant)
+    ckpt = open_model(args, args.model)
     try:
         for name in args.component or ():
             ckpt.component(name)

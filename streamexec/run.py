@@ -44,14 +44,20 @@ def _is_plan_file(path: Path) -> bool:
 
 def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict, dict | None]:
     """(model path, run settings from the plan, memory settings from the plan, the plan itself
-    when it is a full plan whose schedules the run should follow)."""
+    when it is a full plan whose schedules the run should follow). A plan made with the role flags
+    (--vae, --clip-l, ...) puts its files back on ``args`` unless the command line gives them."""
+    from .cli import open_model, role_files
+
+    if args.plan is None:
+        if not role_files(args).get("diffusion_model") and not args.model:
+            raise StreamexecError("give PLAN, a model file/folder, or --diffusion-model FILE")
+        return (Path(args.model) if args.model else None), {}, {}, None
     target = Path(args.plan)
     if not _is_plan_file(target):
         if not target.exists():
             raise StreamexecError(f"{target}: no such plan or model")
         return Path(args.model or target), {}, {}, None
     from .planner.plan import check_checkpoint, read_plan_dict
-    from .weights.checkpoint import open_checkpoint
 
     d = read_plan_dict(target)
     run = dict(d.get("run") or {})
@@ -76,7 +82,14 @@ def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict, dict | None]:
     root = args.model or (d.get("checkpoint") or {}).get("root")
     if not root:
         raise PlanError(f"{target}: the plan names no model; pass --model DIR")
-    ckpt = open_checkpoint(root, variant=(d.get("checkpoint") or {}).get("variant"))
+    roles = (d.get("checkpoint") or {}).get("roles") or {}
+    if not isinstance(roles, dict):
+        raise PlanError(f"{target}: checkpoint.roles must map roles to files")
+    for role, path in roles.items():
+        if getattr(args, str(role), None) is None:
+            setattr(args, str(role), str(path))
+    args.variant = (d.get("checkpoint") or {}).get("variant")
+    ckpt = open_model(args, root)
     try:
         check_checkpoint(d, ckpt)
     finally:
@@ -249,6 +262,7 @@ def _first(flag, planned):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .cli import role_files
     from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
     from .pipelines.progress import Progress
@@ -279,7 +293,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, on_term)
     progress = Progress(budget if isinstance(budget, int) else None, quiet=args.quiet)
-    pipe = open_pipeline(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir)
+    pipe = open_pipeline(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir,
+                         files=role_files(args), variant=getattr(args, "variant", None))
+    model = pipe.root
     try:
         if not args.quiet:
             _log(f"{pipe.kind} pipeline from {model}, budget "

@@ -743,17 +743,24 @@ def test_unexpected_key_inside_known_layout_is_an_error() -> None:
         detect_layout(files, "flux.safetensors")
 
 
-def test_fp8_scaled_files_are_refused_not_misread() -> None:
-    files = records(
-        {"encoder.block.0.layer.0.SelfAttention.q.weight": (4, 4), "shared.weight": (8, 4)},
-        dtype="F8_E4M3",
-    )
-    files |= records(
-        {"encoder.block.0.layer.0.SelfAttention.q.scale_weight": (), "scaled_fp8": (0,)},
-        dtype="F32",
-    )
-    with pytest.raises(LayoutError, match="per-tensor fp8 scales"):
-        detect_layout(files, "t5xxl_fp8_e4m3fn_scaled.safetensors")
+def test_fp8_scaled_files_keep_their_scales() -> None:
+    """ComfyUI scaled fp8 (issue 16): each scale goes onto the weight it scales, the marker and
+    ``scale_input`` are ignored; a scale that is not f32, or a scaled file's matrix without one,
+    is refused (the parity of such files runs in test_roles.py)."""
+    weights = {"encoder.block.0.layer.0.SelfAttention.q.weight": (4, 4), "shared.weight": (8, 4)}
+    scale = "encoder.block.0.layer.0.SelfAttention.q.scale_weight"
+    files = records(weights, dtype="F8_E4M3") | records({scale: (), "scaled_fp8": (0,)}, dtype="F32")
+    files |= records({"encoder.block.0.layer.0.SelfAttention.q.scale_input": ()}, dtype="F32")
+    res = detect_layout(files, "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    t5 = res.components["text_encoder_2"]
+    assert t5["encoder.block.0.layer.0.SelfAttention.q.weight"].scale.key == scale
+    assert t5["shared.weight"].scale is None
+    assert {"scaled_fp8", "encoder.block.0.layer.0.SelfAttention.q.scale_input"} <= set(res.ignored)
+    with pytest.raises(LayoutError, match="must be one f32 value"):
+        detect_layout(files | records({scale: ()}, dtype="F16"), "t5.safetensors")
+    unscaled = {k: v for k, v in files.items() if k != scale}
+    with pytest.raises(LayoutError, match="SelfAttention.q.weight' has no scale_weight"):
+        detect_layout(unscaled, "t5.safetensors")
 
 
 def test_bad_fused_shapes_are_reported() -> None:

@@ -22,20 +22,92 @@ def reference(name: str) -> Path:
 
 
 def default_config(component: str, tensors: dict) -> dict | None:
-    """The published config a single file of this component most likely comes from (single files
-    carry none): SD 1.5's UNet and CLIP, SD 1.5's or FLUX's VAE by its latent channels. The
-    builders still check every weight shape against it. FLUX and T5 single files get None: their
-    builders read depth and widths from the weights."""
+    """The config of a single file of this component (single files carry none): the published
+    config it most likely comes from (SD 1.5's UNet and CLIP, SD 1.5's or FLUX's VAE by latent
+    channels), with every size the tensors tell taken from the tensors instead (:func:`from_shapes`),
+    so a file of other widths or depths is read as what it holds. FLUX and T5 single files get
+    None: their builders read depth and widths from the weights."""
     if component in ("unet", "text_encoder"):
-        return _load(f"sd15/{component}")
+        return from_shapes(component, tensors, _load(f"sd15/{component}"))
     if component == "vae":
         conv_in = tensors.get("decoder.conv_in.weight")
         latent = conv_in.shape[1] if conv_in is not None else 4
-        return _load("flux-schnell/vae" if latent == 16 else "sd15/vae")
+        return from_shapes("vae", tensors, _load("flux-schnell/vae" if latent == 16 else "sd15/vae"))
     return None
+
+
+#: CLIP text towers (L, G, ViT-H) all use 64-wide attention heads; the shapes cannot tell the count.
+CLIP_HEAD_DIM = 64
+
+
+def _count(tensors: dict, pattern: str) -> int:
+    n = 0
+    while pattern.format(n) in tensors:
+        n += 1
+    return n
+
+
+def from_shapes(component: str, tensors: dict, base: dict) -> dict:
+    """``base`` with the sizes the tensors (internal names, anything with ``.shape``) determine:
+    CLIP width, depth, MLP width, vocabulary and positions (heads = width / 64); UNet channels,
+    levels, resnets per level, which levels attend, text width, projection kind; VAE channel
+    widths, resnets per block and latent channels. What shapes cannot tell (activation, norm
+    groups, the UNet's heads, scaling factors) stays the published value."""
+    cfg = dict(base)
+    if component == "text_encoder":
+        emb = tensors.get("text_model.embeddings.token_embedding.weight")
+        if emb is None:
+            return cfg
+        cfg["vocab_size"], width = (int(x) for x in emb.shape)
+        cfg["hidden_size"] = width
+        cfg["num_attention_heads"] = max(1, width // CLIP_HEAD_DIM)
+        cfg["num_hidden_layers"] = _count(tensors, "text_model.encoder.layers.{}.self_attn.q_proj.weight")
+        fc1 = tensors.get("text_model.encoder.layers.0.mlp.fc1.weight")
+        if fc1 is not None:
+            cfg["intermediate_size"] = int(fc1.shape[0])
+        pos = tensors.get("text_model.embeddings.position_embedding.weight")
+        if pos is not None:
+            cfg["max_position_embeddings"] = int(pos.shape[0])
+    elif component == "unet":
+        _unet_from_shapes(cfg, tensors)
+    elif component == "vae":
+        blocks = _count(tensors, "encoder.down_blocks.{}.resnets.0.conv1.weight")
+        if blocks:
+            cfg["block_out_channels"] = [int(tensors[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
+                                         for i in range(blocks)]
+            cfg["layers_per_block"] = _count(tensors, "encoder.down_blocks.0.resnets.{}.conv1.weight")
+            for key in ("down_block_types", "up_block_types"):
+                if isinstance(cfg.get(key), list) and cfg[key]:
+                    cfg[key] = [cfg[key][0]] * blocks
+        conv_in = tensors.get("decoder.conv_in.weight")
+        if conv_in is not None:
+            cfg["latent_channels"] = int(conv_in.shape[1])
+        cfg["use_quant_conv"] = "quant_conv.weight" in tensors
+        cfg["use_post_quant_conv"] = "post_quant_conv.weight" in tensors
+    return cfg
 
 
 def _load(rel: str) -> dict:
     cfg = json.loads((REFERENCE_DIR / rel / "config.json").read_text())
     cfg["_streamexec_default"] = f"streamexec/configs/{rel}/config.json"
     return cfg
+
+
+def _unet_from_shapes(cfg: dict, tensors: dict) -> None:
+    if "conv_in.weight" not in tensors or "conv_out.weight" not in tensors:
+        return
+    cfg["in_channels"] = int(tensors["conv_in.weight"].shape[1])
+    cfg["out_channels"] = int(tensors["conv_out.weight"].shape[0])
+    levels = _count(tensors, "down_blocks.{}.resnets.0.conv1.weight")
+    cfg["block_out_channels"] = [int(tensors[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
+                                 for i in range(levels)]
+    cfg["layers_per_block"] = _count(tensors, "down_blocks.0.resnets.{}.conv1.weight")
+    attends = [f"down_blocks.{i}.attentions.0.proj_in.weight" in tensors for i in range(levels)]
+    cfg["down_block_types"] = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends]
+    cfg["up_block_types"] = ["CrossAttnUpBlock2D" if f"up_blocks.{i}.attentions.0.proj_in.weight" in tensors
+                             else "UpBlock2D" for i in range(levels)]
+    first = next((i for i, a in enumerate(attends) if a), None)
+    if first is not None:
+        p = f"down_blocks.{first}.attentions.0"
+        cfg["cross_attention_dim"] = int(tensors[f"{p}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+        cfg["use_linear_projection"] = len(tensors[f"{p}.proj_in.weight"].shape) == 2

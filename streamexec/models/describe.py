@@ -5,6 +5,7 @@ already has; never weight data."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..sizes import format_size
@@ -73,8 +74,13 @@ def describe_checkpoint(ckpt: Checkpoint) -> str:
         dtypes = ", ".join(
             f"{d} {format_size(b)}" for d, b in sorted(comp.bytes_by_dtype().items())
         )
+        scaled = sum(1 for t in comp.tensors.values() if t.scale is not None)
+        if scaled:
+            dtypes += f" ({scaled} fp8_e4m3 scaled)"
+        paths = sorted({Path(p.path).name for t in comp.tensors.values() for p in t.parts})
         lines.append(
-            f"  {comp.name:<15} {architecture(comp)}; {len(comp.tensors)} tensors, {dtypes}"
+            f"  {comp.name:<15} {architecture(comp)}; {len(comp.tensors)} tensors, {dtypes}; "
+            f"{comp.layout} from {', '.join(paths)}"
         )
     if ckpt.ignored:
         lines.append(f"  ignored: {len(ckpt.ignored)} tensors not used for inference")

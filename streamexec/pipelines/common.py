@@ -116,10 +116,13 @@ class Pipeline:
         self.models: dict[str, Any] = {}
         missing = [c for c in self.components if c not in ckpt.components]
         if missing:
+            from ..weights.roles import FLAGS, role_of
+
             what = "an SD 1.5" if self.kind == "sd15" else "a FLUX.1"
             raise StreamexecError(
-                f"{root}: {what} run needs {', '.join(self.components)}; missing {', '.join(missing)} "
-                "(point at a diffusers pipeline folder with model_index.json, or an SD 1.5 single file)")
+                f"{root}: {what} run needs {', '.join(self.components)}; it has {', '.join(ckpt.components)}, "
+                f"missing {', '.join(f'{c} ({FLAGS[role_of(c)]} FILE)' for c in missing)} "
+                "(or point at a diffusers pipeline folder, an all-in-one file or a folder holding all the files)")
         for c in self.components:
             self.models[c] = MODEL_CLASSES[c](ckpt, ckpt.components[c], memory_budget, None, scratch_dir)
         self._sched: Any = None

@@ -119,7 +119,9 @@ class FluxPipeline(Pipeline):
         p = self.describe(req)
         f = self.vae_scale_factor
         h, w = p["height"] // f, p["width"] // f
-        channels = int(self.models["transformer"].config.get("in_channels", 64)) // 4
+        tr = self.models["transformer"]
+        info = tr.weight_info("x_embedder.weight")  # a single file has no config: its input width
+        channels = int(tr.config.get("in_channels") or (info[0][1] if info else 64)) // 4
         packed = (1, (h // 2) * (w // 2), channels * 4)
         if req.latents_in is None:
             x = pack_latents(initial_noise(req.seed, (1, channels, h, w)))

@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import StreamexecError
 from ..models.registry import is_flux
 from ..sizes import parse_budget
-from ..weights.checkpoint import open_checkpoint
+from ..weights.roles import assemble
 from .common import (
     Pipeline,
     ProgressFn,
@@ -63,16 +63,19 @@ __all__ = [
 ]
 
 
-def open_pipeline(model: str | Path, *, memory_budget: int | str | None = None, tokenizer: str | Path | None = None,
-                  variant: str | None = None, scratch_dir: str | None = None) -> Pipeline:
+def open_pipeline(model: str | Path | None, *, memory_budget: int | str | None = None,
+                  tokenizer: str | Path | None = None, variant: str | None = None, scratch_dir: str | None = None,
+                  files: dict[str, str | Path | None] | None = None) -> Pipeline:
     """Open a diffusers pipeline folder (``model_index.json``) or an SD 1.5 single ``.safetensors``
     file as the pipeline that runs it: FLUX when it has a ``transformer``, else SD 1.5.
     ``memory_budget`` as ``sizes.parse_budget`` reads it (a size, ``auto``, ``min`` or None).
-    ``tokenizer``: a folder with the tokenizer files when the model has none (FLUX needs T5's
-    ``tokenizer.json``; SD 1.5 falls back to the shipped CLIP BPE)."""
-    root = Path(model)
+    ``tokenizer``: a folder with the tokenizer files when the model has none (the shipped CLIP BPE
+    and T5 vocabulary otherwise). ``files``: one file per role, ``diffusion_model``, ``vae``,
+    ``clip_l``, ``t5xxl`` (``weights.roles``), each adding or replacing that component of ``model``;
+    ``model`` may be None when ``diffusion_model`` is given."""
     budget = parse_budget(memory_budget)
-    ckpt = open_checkpoint(root, variant=variant)
+    ckpt = assemble(model, files or {}, variant=variant)
+    root = Path(ckpt.root)
     try:
         if ckpt.kind == "component":
             raise StreamexecError(f"{root}: a single component folder; a run needs the whole pipeline folder "

@@ -64,6 +64,7 @@ class Plan:
     created: str = ""
     settings: dict = field(default_factory=dict)  # run settings recorded for `run` (sampler, cfg_scale, ...)
     path: Path | None = None
+    roles: dict = field(default_factory=dict)  # role -> file (--vae, --clip-l, ...), reopened by `run`
 
     @property
     def peak(self) -> int:
@@ -81,7 +82,8 @@ def plan_components(ckpt: Checkpoint, names: list[str], shape: RunShape, budget:
 
     configs = {n: dict(c.config or {}) for n, c in ckpt.components.items()}
     plan = Plan(str(ckpt.root), variant, ckpt.fingerprint(), budget, baseline,
-                kernel_workers(), shape, steps, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                kernel_workers(), shape, steps, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                roles=dict(ckpt.roles))
     for name in names:
         comp = ckpt.component(name)
         store = ckpt.store(name)
@@ -183,7 +185,8 @@ def plan_to_dict(plan: Plan) -> dict:
         "version": PLAN_VERSION,
         "streamexec": __version__,
         "created": plan.created,
-        "checkpoint": {"root": plan.checkpoint_root, "variant": plan.variant, "files": plan.files},
+        "checkpoint": {"root": plan.checkpoint_root, "variant": plan.variant, "files": plan.files,
+                       **({"roles": plan.roles} if plan.roles else {})},
         "run": {"height": plan.shape.height, "width": plan.shape.width, "batch": plan.shape.batch,
                 "text_len": plan.shape.text_len, "cfg": plan.shape.cfg, "steps": plan.steps, **plan.settings},
         "memory": {"budget_bytes": plan.peak if plan.budget in ("min", "smallest") else plan.budget,

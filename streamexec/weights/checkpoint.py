@@ -88,6 +88,8 @@ class Checkpoint:
     components: dict[str, Component]
     model_index: dict | None = None
     ignored: list[str] = field(default_factory=list)
+    #: role -> file given for it (``weights.roles``: --diffusion-model, --vae, --clip-l, --t5xxl)
+    roles: dict[str, str] = field(default_factory=dict)
 
     def component(self, name: str | None = None) -> Component:
         if name is None:

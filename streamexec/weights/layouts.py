@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LayoutError
 from .refs import MappedTensor, StoredTensor, TensorRef, single
+from .scaled import attach_scales, split_scales
 
 #: The component names (the diffusers pipeline folder names), in pipeline order: the ones a layout
 #: can produce, a pipeline folder is searched for, and a run can execute (``models.registry`` and
@@ -628,16 +629,6 @@ def _unknown_layout(keys: list[str], unknown: list[str], path: str, why: str) ->
     )
 
 
-def _check_supported(keys: list[str], path: str) -> None:
-    scaled = [k for k in keys if k == "scaled_fp8" or k.endswith((".scale_weight", ".scale_input"))]
-    if scaled:
-        raise LayoutError(
-            path,
-            f"per-tensor fp8 scales ({scaled[0]!r}, {len(scaled)} keys: a ComfyUI 'fp8_scaled' "
-            "file) are not supported; use the plain fp16/bf16 or fp8_e4m3fn file",
-        )
-
-
 def detect_layout(tensors: dict[str, StoredTensor], path: str) -> LayoutResult:
     """Recognise the key layout of a single-file checkpoint (or a set of shards) from its key
     names and shapes, and map every stored key to its component's internal name.
@@ -645,13 +636,13 @@ def detect_layout(tensors: dict[str, StoredTensor], path: str) -> LayoutResult:
     Raises LayoutError (one line: what was recognised, examples of what was not) when the file
     is no layout we know, or when some of its keys do not fit the layout it otherwise has.
     """
-    keys = list(tensors)
-    if not keys:
+    if not tensors:
         raise LayoutError(path, "no tensors in checkpoint")
-    _check_supported(keys, path)
+    tensors, scales, scale_ignored = split_scales(tensors, path)  # ComfyUI scaled fp8
+    keys = list(tensors)
 
     sections: dict[str, tuple[str, dict[str, StoredTensor]]] = {}  # prefix -> (kind, section)
-    ignored: list[str] = []
+    ignored: list[str] = list(scale_ignored)
     bare: dict[str, StoredTensor] = {}
     for key, st in tensors.items():
         for prefix, kind in _WRAPPERS:
@@ -695,6 +686,7 @@ def detect_layout(tensors: dict[str, StoredTensor], path: str) -> LayoutResult:
             )
         out = _Out(component, path)
         convert(section, out)
+        attach_scales(out.tensors, scales, path)
         components[component] = out.tensors
         ignored += out.ignored
         unknown += out.unknown

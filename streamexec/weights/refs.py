@@ -43,6 +43,9 @@ class MappedTensor:
     parts: tuple[TensorRef, ...]
     shape: tuple[int, ...]
     dtype: str
+    #: ComfyUI scaled fp8: the f32 scale (one value, or one per row) the stored fp8 values are
+    #: multiplied by (``weights.scaled``); None for every other weight
+    scale: TensorRef | None = None
 
     @property
     def is_view(self) -> bool:

@@ -109,7 +109,17 @@ class WeightStore:
             arr = np.concatenate([self._part_view(p) for p in m.parts], axis=0).reshape(m.shape)
         with self._lock:
             self._live.setdefault(key, m.nbytes)
+        if m.scale is not None:  # ComfyUI scaled fp8: the kernels apply the scale per panel
+            return Tensor(self._scaled(key, arr, m.scale), "F8_E4M3_SCALED")
         return Tensor(arr, m.dtype)
+
+    def _scaled(self, key: str, arr: np.ndarray, ref: TensorRef):
+        from ..kernels.dequant import PackedWeight
+
+        scale = self._part_view(ref)
+        if not np.isfinite(scale).all():
+            raise CheckpointError(ref.path, f"scale {ref.key!r} of {key} is not finite")
+        return PackedWeight.scaled_fp8(np.ascontiguousarray(arr), scale)
 
     def get_f32(self, key: str) -> np.ndarray:
         """A decoded f32 copy — only for small tensors (biases, norm weights, embedding rows)."""
