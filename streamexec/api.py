@@ -133,7 +133,10 @@ def process_baseline(dtypes: set[str]) -> int:
 
 
 class UNet(StreamedModel):
-    def __call__(self, sample: np.ndarray, timestep, encoder_hidden_states: np.ndarray) -> np.ndarray:
+    def __call__(self, sample: np.ndarray, timestep, encoder_hidden_states: np.ndarray,
+                 text_embeds: np.ndarray | None = None, time_ids: np.ndarray | None = None) -> np.ndarray:
+        """The predicted noise (or v). ``text_embeds``/``time_ids``: SDXL's ``added_cond_kwargs``
+        (pooled text [B, 1280] and the six size/crop ids [B, 6]), which a ``text_time`` UNet needs."""
         from .models.unet import build_unet
 
         sample = np.asarray(sample, np.float32)
@@ -143,7 +146,13 @@ class UNet(StreamedModel):
         key = (b, h, w, ctx.shape[1])
         build = lambda: build_unet(self.config, self.weight_info, batch=b, height=h, width=w,  # noqa: E731
                                    seq_len=ctx.shape[1], where=str(self.checkpoint.root))
-        return self._run(key, build, {"sample": sample, "timestep": t, "encoder_hidden_states": ctx})[0]
+        feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": ctx}
+        if self.config.get("addition_embed_type") == "text_time":
+            if text_embeds is None or time_ids is None:
+                raise StreamexecError("this UNet (SDXL, addition_embed_type text_time) needs text_embeds and time_ids")
+            feeds["text_embeds"] = np.asarray(text_embeds, np.float32)
+            feeds["time_ids"] = np.asarray(time_ids, np.float32)
+        return self._run(key, build, feeds)[0]
 
 
 class CLIPText(StreamedModel):

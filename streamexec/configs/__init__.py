@@ -1,9 +1,11 @@
-"""The published configs of SD 1.5, FLUX.1-schnell and FLUX.1-dev (model_index, component
+"""The published configs of SD 1.5, SD 2.1 (768-v), SDXL 1.0 base, FLUX.1-schnell and FLUX.1-dev (model_index, component
 config.json, scheduler config), SD 1.5's CLIP tokenizer files and FLUX.1's T5 v1.1 tokenizer
 (``flux-schnell/tokenizer_2/``) — no weights. They are the defaults for single-file checkpoints,
 which carry no config or tokenizer, and the reference shapes for tests and tools. Copied from the
-published Hugging Face repositories (runwayml/stable-diffusion-v1-5, black-forest-labs/FLUX.1-schnell
-and FLUX.1-dev); the CLIP BPE files are OpenAI's (MIT), the T5 vocabulary Google's (Apache 2.0)."""
+published Hugging Face repositories (runwayml/stable-diffusion-v1-5, black-forest-labs/FLUX.1-schnell,
+FLUX.1-dev, stabilityai/stable-diffusion-2-1 and stable-diffusion-xl-base-1.0); the CLIP BPE files
+are OpenAI's (MIT), the T5 vocabulary Google's (Apache 2.0). SD 2.1's and SDXL's tokenizer folders hold
+only their tokenizer_config/special_tokens_map (both pad with ``!``): their BPE files are SD 1.5's."""
 
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import json
 from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).resolve().parent
-PRESETS = ("sd15", "flux-schnell", "flux-dev")
+PRESETS = ("sd15", "sd21", "sdxl", "flux-schnell", "flux-dev")
 
 
 def reference(name: str) -> Path:
-    """The folder of a shipped reference pipeline (``sd15``, ``flux-schnell``, ``flux-dev``)."""
+    """The folder of a shipped reference pipeline (one of :data:`PRESETS`)."""
     if name not in PRESETS:
         raise KeyError(f"no shipped reference {name!r} (have: {', '.join(PRESETS)})")
     return REFERENCE_DIR / name

@@ -267,7 +267,7 @@ def op_timestep_embedding(ctx: OpContext, op: Op, args: list[np.ndarray], shape:
     return timestep_embedding(
         np.asarray(args[0], np.float32).reshape(-1), a["dim"], flip_sin_to_cos=a["flip_sin_to_cos"],
         downscale_freq_shift=a["shift"], scale=a.get("scale", 1.0),
-    ).astype(np.float32, copy=False)
+    ).astype(np.float32, copy=False).reshape(shape)  # [B, T] ids: each id's embedding, side by side
 
 
 def op_embedding(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
