@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import StreamexecError
 from .models.graph import Graph
-from .models.registry import is_flux_dev, vae_scaling_factor, vae_shift_factor
+from .models.registry import is_clip, is_flux_dev, vae_scaling_factor, vae_shift_factor
 from .planner.fit import BASELINE_SLACK, Fit
 from .planner.menus import ParamMenus
 from .runtime.executor import Executor
@@ -156,7 +156,9 @@ class UNet(StreamedModel):
 
 
 class CLIPText(StreamedModel):
-    def __call__(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, input_ids: np.ndarray, penultimate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(last hidden state — ``penultimate``: ``hidden_states[-2]`` as SDXL takes it — , pooled
+        output, projected when the component has ``text_projection``)."""
         from .models.clip import build_clip_text
 
         ids = np.asarray(input_ids, np.int64)
@@ -164,8 +166,8 @@ class CLIPText(StreamedModel):
             ids = ids[None]
         b, n = ids.shape
         build = lambda: build_clip_text(self.config, self.weight_info, batch=b, seq_len=n,  # noqa: E731
-                                        where=str(self.checkpoint.root))
-        h, pooled = self._run((b, n), build, {"input_ids": ids})
+                                        where=str(self.checkpoint.root), penultimate=penultimate)
+        h, pooled = self._run((b, n, penultimate), build, {"input_ids": ids})
         return h, pooled
 
 
@@ -287,6 +289,14 @@ MODEL_CLASSES: dict[str, type[StreamedModel]] = {
 }
 
 
+def model_class(comp: Component) -> type[StreamedModel] | None:
+    """The class that runs a component: by name, except that ``text_encoder_2`` is CLIP (SDXL's
+    OpenCLIP bigG) rather than T5 (FLUX) when its weights have CLIP's names."""
+    if comp.name == "text_encoder_2" and is_clip(comp.tensors):
+        return CLIPText
+    return MODEL_CLASSES.get(comp.name)
+
+
 def load(path: str | Path, component: str | None = None, memory_budget: str | int | None = None,
          variant: str | None = None, *, baseline: int | None = None, scratch_dir: str | None = None,
          strict: bool = False) -> StreamedModel:
@@ -304,7 +314,7 @@ def load(path: str | Path, component: str | None = None, memory_budget: str | in
     budget = parse_budget(memory_budget)
     ckpt = open_checkpoint(path, variant=variant)
     comp = ckpt.component(component)
-    cls = MODEL_CLASSES.get(comp.name)
+    cls = model_class(comp)
     if cls is None:
         raise StreamexecError(f"component {comp.name!r} cannot be run yet (supported: {', '.join(MODEL_CLASSES)})")
     return cls(ckpt, comp, budget, baseline, scratch_dir, strict=strict)

@@ -46,3 +46,43 @@ def test_sdxl_unet_parity(tmp_path: Path) -> None:
     ours = m(sample=x.numpy(), timestep=t.numpy(), encoder_hidden_states=ctx.numpy(), text_embeds=text.numpy(),
              time_ids=ids.numpy())
     assert rel_err(ours, ref) <= TOL
+
+
+def test_clip_with_projection_penultimate_parity(tmp_path: Path) -> None:
+    """SDXL's text_encoder_2 (OpenCLIP bigG as CLIPTextModelWithProjection, gelu, pads with "!"
+    = id 0): ``hidden_states[-2]`` and the projected pooled output ``text_embeds``."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=2, hidden_act="gelu",
+                         projection_dim=24)
+    model = CLIPTextModelWithProjection(cfg).eval()
+    randomize(model, 7)
+    model.save_pretrained(tmp_path / "text_encoder_2")
+    ids = torch.tensor([[97, 5, 17, 98, 0, 0], [97, 40, 98, 0, 0, 0]])  # 98 = highest id = "EOS"
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True)
+    te = streamexec.load(tmp_path / "text_encoder_2", component="text_encoder_2")
+    h, pooled = te(input_ids=ids.numpy(), penultimate=True)
+    assert rel_err(h, ref.hidden_states[-2]) <= TOL
+    assert rel_err(pooled, ref.text_embeds) <= TOL
+    last, _ = te(input_ids=ids.numpy())
+    assert rel_err(last, ref.last_hidden_state) <= TOL
+
+
+def test_clip_penultimate_parity(tmp_path: Path) -> None:
+    """SDXL's text_encoder (CLIP-L): ``hidden_states[-2]``; the pooled output stays unprojected."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=2)
+    model = CLIPTextModel(cfg).eval()
+    randomize(model, 8)
+    model.save_pretrained(tmp_path / "text_encoder")
+    ids = torch.tensor([[97, 5, 17, 98, 98, 98]])
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True)
+    h, pooled = streamexec.load(tmp_path / "text_encoder", component="text_encoder")(input_ids=ids.numpy(),
+                                                                                     penultimate=True)
+    assert rel_err(h, ref.hidden_states[-2]) <= TOL
+    assert rel_err(pooled, ref.pooler_output) <= TOL

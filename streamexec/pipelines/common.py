@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..api import MODEL_CLASSES
+from ..api import model_class
 from ..errors import StreamexecError
 from ..models.registry import default_size, vae_scale
 from ..weights.checkpoint import Checkpoint
@@ -121,7 +121,7 @@ class Pipeline:
                 f"{root}: {what} run needs {', '.join(self.components)}; missing {', '.join(missing)} "
                 "(point at a diffusers pipeline folder with model_index.json, or an SD 1.5 single file)")
         for c in self.components:
-            self.models[c] = MODEL_CLASSES[c](ckpt, ckpt.components[c], memory_budget, None, scratch_dir)
+            self.models[c] = model_class(ckpt.components[c])(ckpt, ckpt.components[c], memory_budget, None, scratch_dir)
         self._sched: Any = None
         self._bytes = 0
         self._graph_bytes: dict[int, int] = {}

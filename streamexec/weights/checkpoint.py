@@ -26,7 +26,7 @@ CLASS_TO_COMPONENT = {
     "AutoencoderKL": "vae",
     "FluxTransformer2DModel": "transformer",
     "CLIPTextModel": "text_encoder",
-    "CLIPTextModelWithProjection": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",  # SDXL's OpenCLIP bigG
     "T5EncoderModel": "text_encoder_2",
 }
 

@@ -742,6 +742,12 @@ def map_component(
     if component not in COMPONENTS:
         raise LayoutError(path, f"unknown component {component!r} (known: {', '.join(COMPONENTS)})")
     result = detect_layout(tensors, path)
+    if component == "text_encoder_2" and "text_encoder" in result.components:
+        # SDXL's OpenCLIP bigG (CLIPTextModelWithProjection): CLIP names, and its projection is used
+        mapped = dict(result.components["text_encoder"])
+        if "text_projection.weight" in tensors:
+            mapped["text_projection.weight"] = single(tensors["text_projection.weight"])
+        return mapped
     if component not in result.components:
         found = ", ".join(result.components)
         raise LayoutError(
