@@ -116,7 +116,7 @@ class Pipeline:
         self.models: dict[str, Any] = {}
         missing = [c for c in self.components if c not in ckpt.components]
         if missing:
-            what = "an SD 1.5" if self.kind == "sd15" else "a FLUX.1"
+            what = {"sd15": "an SD 1.5", "sdxl": "an SDXL"}.get(self.kind, "a FLUX.1")
             raise StreamexecError(
                 f"{root}: {what} run needs {', '.join(self.components)}; missing {', '.join(missing)} "
                 "(point at a diffusers pipeline folder with model_index.json, or an SD 1.5 single file)")
