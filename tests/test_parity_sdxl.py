@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from helpers import randomize, rel_err
 
@@ -86,3 +87,42 @@ def test_clip_penultimate_parity(tmp_path: Path) -> None:
                                                                                      penultimate=True)
     assert rel_err(h, ref.hidden_states[-2]) <= TOL
     assert rel_err(pooled, ref.pooler_output) <= TOL
+
+
+def _full_size_graph(model: str, build, make, **kw):
+    """The graph our builder makes from a shipped published config, with diffusers/transformers'
+    parameter shapes for it (meta device: no memory), and those parameters."""
+    import json
+
+    from streamexec.configs import reference
+
+    cfg = json.loads((reference(model) / kw.pop("part") / "config.json").read_text())
+    with torch.device("meta"):
+        ref = make(cfg)
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    graph = build(cfg, lambda k: (shapes[k], "f32") if k in shapes else None, **kw)
+    return graph, shapes
+
+
+def test_shipped_sdxl_configs_build_every_weight() -> None:
+    """The published SDXL UNet and bigG configs give graphs that use every parameter diffusers /
+    transformers make for them, with their shapes (2,567,463,684 and 694,659,840 parameters)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from streamexec.models.clip import build_clip_text
+    from streamexec.models.unet import build_unet
+
+    def used(graph) -> set[str]:
+        return {w for op in graph.ops for w in op.weights.values()}
+
+    graph, shapes = _full_size_graph("sdxl", build_unet, UNet2DConditionModel.from_config, part="unet", batch=2,
+                                     height=128, width=128, seq_len=77)
+    assert used(graph) == set(shapes)
+    assert sum(int(np.prod(shapes[k])) for k in shapes) == 2_567_463_684
+    graph, shapes = _full_size_graph(
+        "sdxl", build_clip_text, lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)), part="text_encoder_2",
+        batch=2, seq_len=77, penultimate=True)
+    shapes.pop("text_model.embeddings.position_ids", None)
+    assert used(graph) == set(shapes)
+    assert sum(int(np.prod(shapes[k])) for k in shapes) == 694_659_840

@@ -30,7 +30,8 @@ slice                x[..., start:stop]; attrs axis, start, stop (a view: chunks
                      the text / image rows of a joint stream)
 to_tokens            [B, C, H, W] → [B, H*W, C]
 to_image             [B, H*W, C] → [B, C, H, W]; attrs height, width
-timestep_embedding   t[B] → [B, dim]; attrs dim, flip_sin_to_cos, shift, scale
+timestep_embedding   t[B] → [B, dim], or t[B, T] → [B, T*dim] (each value's embedding side by side:
+                     SDXL's time ids); attrs dim, flip_sin_to_cos, shift, scale
 embedding            ids[B, N] (int) → weight rows [B, N, D]
 add_position         x[B, N, D] + weight[:N] (learned positions, CLIP)
 pool_eos             x[B, N, D], ids[B, N] → [B, D]: the row at the EOS token (CLIP pooled output)
