@@ -126,3 +126,41 @@ def test_shipped_sdxl_configs_build_every_weight() -> None:
     shapes.pop("text_model.embeddings.position_ids", None)
     assert used(graph) == set(shapes)
     assert sum(int(np.prod(shapes[k])) for k in shapes) == 694_659_840
+
+
+def test_open_clip_single_file_parity(tmp_path: Path) -> None:
+    """bigG as SDXL single files store it (``conditioner.embedders.1.model.*``: fused ``in_proj``,
+    projection stored [width, proj]) runs like transformers' CLIPTextModelWithProjection. Widths
+    fit the shipped bigG config a lone file gets (20 heads, gelu)."""
+    from safetensors.numpy import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=64, hidden_size=40, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=20, max_position_embeddings=12, eos_token_id=2, bos_token_id=0,
+                         hidden_act="gelu", projection_dim=24)
+    model = CLIPTextModelWithProjection(cfg).eval()
+    randomize(model, 9)
+    sd = {k.removeprefix("text_model."): v.numpy() for k, v in model.state_dict().items()}
+    p = "conditioner.embedders.1.model."
+    out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           p + "positional_embedding": sd["embeddings.position_embedding.weight"],
+           p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"],
+           p + "text_projection": np.ascontiguousarray(sd["text_projection.weight"].T),
+           p + "logit_scale": np.ones((), np.float32)}
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for i in range(2):
+        src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{leaf}"] = np.concatenate(
+                [sd[f"{src}self_attn.{q}.{leaf}"] for q in ("q_proj", "k_proj", "v_proj")])
+            for ours, theirs in names.items():
+                out[f"{dst}{ours}.{leaf}"] = sd[f"{src}{theirs}.{leaf}"]
+    save_file(out, str(tmp_path / "bigg.safetensors"))
+    ids = torch.tensor([[0, 5, 17, 63, 0, 0], [0, 40, 63, 0, 0, 0]])  # 63 = highest id = "EOS"; pads "!" = 0
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True)
+    te = streamexec.load(tmp_path / "bigg.safetensors", component="text_encoder_2")
+    h, pooled = te(input_ids=ids.numpy(), penultimate=True)
+    assert rel_err(h, ref.hidden_states[-2]) <= TOL
+    assert rel_err(pooled, ref.text_embeds) <= TOL

@@ -23,17 +23,22 @@ def reference(name: str) -> Path:
     return REFERENCE_DIR / name
 
 
-def default_config(component: str, tensors: dict) -> dict | None:
+def default_config(component: str, tensors: dict, *, sdxl: bool = False) -> dict | None:
     """The published config a single file of this component most likely comes from (single files
-    carry none): SD 1.5's UNet and CLIP, SD 1.5's or FLUX's VAE by its latent channels. The
-    builders still check every weight shape against it. FLUX and T5 single files get None: their
-    builders read depth and widths from the weights."""
+    carry none): SD 1.5's UNet and CLIP, SD 1.5's or FLUX's VAE by its latent channels; SDXL's UNet
+    (a ``text_time`` UNet), OpenCLIP bigG and — for a whole SDXL file (``sdxl``) — VAE. The builders
+    still check every weight shape against it. FLUX and T5 single files get None: their builders
+    read depth and widths from the weights."""
+    if component == "unet" and (sdxl or "add_embedding.linear_1.weight" in tensors):
+        return _load("sdxl/unet")
+    if component == "text_encoder_2" and "text_model.embeddings.token_embedding.weight" in tensors:
+        return _load("sdxl/text_encoder_2")
     if component in ("unet", "text_encoder"):
-        return _load(f"sd15/{component}")
+        return _load(f"sdxl/{component}" if sdxl else f"sd15/{component}")
     if component == "vae":
         conv_in = tensors.get("decoder.conv_in.weight")
         latent = conv_in.shape[1] if conv_in is not None else 4
-        return _load("flux-schnell/vae" if latent == 16 else "sd15/vae")
+        return _load("flux-schnell/vae" if latent == 16 else "sdxl/vae" if sdxl else "sd15/vae")
     return None
 
 

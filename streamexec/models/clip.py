@@ -69,5 +69,11 @@ def build_clip_text(config: dict, weight_info: WeightInfo, *, batch: int, seq_le
     if g.has("text_projection.weight"):
         with g.unit("text_projection"):
             pooled = g.linear(pooled, "text_projection", bias=False)
+    elif g.has("text_projection.weight.T"):  # OpenCLIP's single-file orientation, [width, proj]
+        proj = g.wshape("text_projection.weight.T")[1]
+        with g.unit("text_projection"):
+            pooled = g.op("linear", [pooled], (batch, proj), name="text_projection",
+                          weights={"weight": g.expect("text_projection.weight.T", (width, proj))},
+                          attrs={"transposed": True})
     g.output(h if not penultimate else hidden, pooled)
     return g.graph

@@ -9,7 +9,8 @@ kind                 semantics (inputs → output; weights; attrs)
 ===================  ===========================================================================
 linear               x[..., K] → x @ W.T + b; weight [N, K], bias; attrs: activation
                      (None|silu|gelu|gelu_tanh|quick_gelu), gate (None|geglu|gated_gelu: second
-                     weight ``weight2`` or halves of one), optional 2nd input = residual added
+                     weight ``weight2`` or halves of one), optional 2nd input = residual added;
+                     attrs transposed: weight stored [K, N], x @ W (a small one; no bias)
 conv2d               x[B, C, H, W] → [B, Co, Ho, Wo]; weight [Co, C, k, k], bias; attrs stride,
                      pad (top, bottom, left, right), upsample (nearest 2× fused); opt. residual
 group_norm           x[B, C, H, W]; weight, bias; attrs groups, eps, silu

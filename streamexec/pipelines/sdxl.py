@@ -25,11 +25,21 @@ from ..weights.checkpoint import Checkpoint
 from .common import F32, ProgressFn, Request, Result, StepFn, to_uint8
 from .schedulers import read_scheduler_config
 from .sd15 import SD15Pipeline
-from .tokenizers import CLIPTokenizer
+from .tokenizers import SHIPPED_CLIP_TOKENIZER, CLIPTokenizer
 
 DEFAULT_CFG = 5.0
 #: SDXL base's scheduler (EulerDiscreteScheduler, leading spacing) when the folder has none.
 SDXL_SCHEDULER = Path(__file__).resolve().parents[1] / "configs" / "sdxl" / "scheduler" / "scheduler_config.json"
+
+
+def bang_padded(tok: CLIPTokenizer) -> CLIPTokenizer:
+    """SDXL's tokenizer_2 for a single file (no tokenizer folder): the same BPE, padded with ``!``
+    as the published ``tokenizer_2`` pads."""
+    if tok.folder.resolve() != SHIPPED_CLIP_TOKENIZER.resolve():
+        raise StreamexecError(f"{tok.folder}: SDXL needs a tokenizer_2/ folder beside this one")
+    out = CLIPTokenizer.from_dir(SHIPPED_CLIP_TOKENIZER)
+    out.pad_id = out._tok.token_to_id("!")  # 0: the token "!", as transformers looks up pad_token
+    return out
 
 
 def is_sdxl(ckpt: Checkpoint) -> bool:
@@ -48,10 +58,9 @@ class SDXLPipeline(SD15Pipeline):
     def __init__(self, ckpt: Checkpoint, root: Path, memory_budget: int | str | None, scratch_dir: str | None,
                  tokenizer: str | Path | None = None) -> None:
         super().__init__(ckpt, root, memory_budget, scratch_dir, tokenizer)
-        folder = root / "tokenizer_2" if root.is_dir() else None
-        if folder is None or not folder.is_dir():
-            raise StreamexecError(f"{root}: SDXL needs its tokenizer_2/ folder (OpenCLIP's, pads with '!')")
-        self.tokenizer_2 = CLIPTokenizer.from_dir(folder)
+        folder = root / "tokenizer_2"
+        self.tokenizer_2 = CLIPTokenizer.from_dir(folder) if root.is_dir() and folder.is_dir() else \
+            bang_padded(self.tokenizer)
         index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
         self.force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
         if not (root / "scheduler" / "scheduler_config.json").is_file():

@@ -59,6 +59,8 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 
 def op_linear(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    if op.attrs.get("transposed"):  # a small [K, N] weight (OpenCLIP's text projection): x @ W, no bias
+        return np.matmul(_rows(args[0]), ctx.vector(op, "weight"), dtype=np.float32).reshape(shape)
     x = _rows(args[0])
     w = ctx.weight(op, "weight")
     b = ctx.weight(op, "bias")

@@ -175,7 +175,9 @@ def _open_single_file(path: Path) -> Checkpoint:
     result = detect_layout(_stored(f), str(path))
     from ..configs import default_config
 
-    comps = {name: Component(name, result.layout, t, default_config(name, t)) for name, t in result.components.items()}
+    sdxl = result.layout == "sgm-sdxl"
+    comps = {name: Component(name, result.layout, t, default_config(name, t, sdxl=sdxl))
+             for name, t in result.components.items()}
     return Checkpoint(path, "file", files, comps, ignored=list(result.ignored))
 
 
