@@ -6,14 +6,24 @@ Final latents within 1e-3 relative, decoded image within 2/255 per pixel (as tes
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import clip_tokenizer, randomize, rel_err, tiny_clip, tiny_pipeline_clip, tiny_pipeline_vae
+from helpers import ROOT, clip_tokenizer, randomize, rel_err, tiny_clip, tiny_pipeline_clip, tiny_pipeline_vae
+from PIL import Image
 
 from streamexec.configs import REFERENCE_DIR
-from streamexec.pipelines.generate import Request, SD15Pipeline, SDXLPipeline, initial_noise, open_pipeline
+from streamexec.pipelines.generate import (
+    Request,
+    SD15Pipeline,
+    SDXLPipeline,
+    initial_noise,
+    open_pipeline,
+    step_noise,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -142,3 +152,33 @@ def test_sd2_v_prediction_parity(sd2_folder: Path, sampler: str) -> None:
     lat, img = _run(ref, dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
                               height=SIZE, width=SIZE, latents=torch.from_numpy(noise.copy())))
     _check(res, lat, img, f"sd2 v-prediction {sampler}")
+
+
+def test_sdxl_turbo_template_matches_diffusers(sdxl_folder: Path, env: dict, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``plans/sdxl-turbo-512.yaml`` (1 step, guidance 0, Euler ancestral, trailing timesteps) run by
+    the CLI gives diffusers' picture for the model card's call (``num_inference_steps=1,
+    guidance_scale=0.0``) with that scheduler; the ancestral noise is handed to diffusers."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    out = tmp_path / "turbo.png"
+    res = subprocess.run([sys.executable, "-m", "streamexec", "run", "plans/sdxl-turbo-512.yaml", "--model",
+                          str(sdxl_folder), "--prompt", PROMPT, "--seed", str(SEED), "--height", str(SIZE), "--width",
+                          str(SIZE), "-o", str(out), "--quiet"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with Image.open(out) as im:
+        ours = np.asarray(im.convert("RGB"))
+        params = json.loads(im.text["streamexec"])
+    assert (params["steps"], params["cfg_scale"], params["sampler"]) == (1, 0.0, "euler_a")
+
+    ref = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing")
+    shape = (1, 4, SIZE // 2, SIZE // 2)
+    draws = iter([step_noise(SEED, 0, shape)])
+    monkeypatch.setattr(diffusers.schedulers.scheduling_euler_ancestral_discrete, "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(np.array(next(draws))))
+    _, img = _run(ref, dict(prompt=PROMPT, num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
+                            latents=torch.from_numpy(initial_noise(SEED, shape).copy())))
+    assert ((ours > 0) & (ours < 255)).mean() > 0.7
+    assert float(np.abs(ours.astype(np.float64) - img[0].astype(np.float64) * 255).max()) <= PIX_TOL
