@@ -182,3 +182,18 @@ def test_sdxl_turbo_template_matches_diffusers(sdxl_folder: Path, env: dict, tmp
                             latents=torch.from_numpy(initial_noise(SEED, shape).copy())))
     assert ((ours > 0) & (ours < 255)).mean() > 0.7
     assert float(np.abs(ours.astype(np.float64) - img[0].astype(np.float64) * 255).max()) <= PIX_TOL
+
+
+def test_sdxl_checkpoint_described(sdxl_folder: Path) -> None:
+    """``plan --check`` words: the 2048-wide cross-attention is SDXL's, text_encoder_2 is CLIP."""
+    from streamexec.models.describe import describe_checkpoint
+    from streamexec.weights.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(sdxl_folder)
+    try:
+        text = describe_checkpoint(ckpt)
+    finally:
+        ckpt.close()
+    assert "CLIP text encoder with projection: 3 layers, width 32" in text
+    assert "CLIP text encoder: 2 layers, width 32" in text
+    assert "UNet: in 4 ch, blocks 32/64, cross-attention 64" in text
