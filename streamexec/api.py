@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import StreamexecError
 from .models.graph import Graph
-from .models.registry import is_flux_dev, vae_scaling_factor, vae_shift_factor
+from .models.registry import is_clip, is_flux_dev, vae_scaling_factor, vae_shift_factor
 from .planner.fit import BASELINE_SLACK, Fit
 from .planner.menus import ParamMenus
 from .runtime.executor import Executor
@@ -134,7 +134,10 @@ def process_baseline(dtypes: set[str]) -> int:
 
 
 class UNet(StreamedModel):
-    def __call__(self, sample: np.ndarray, timestep, encoder_hidden_states: np.ndarray) -> np.ndarray:
+    def __call__(self, sample: np.ndarray, timestep, encoder_hidden_states: np.ndarray,
+                 text_embeds: np.ndarray | None = None, time_ids: np.ndarray | None = None) -> np.ndarray:
+        """The predicted noise (or v). ``text_embeds``/``time_ids``: SDXL's ``added_cond_kwargs``
+        (pooled text [B, 1280] and the six size/crop ids [B, 6]), which a ``text_time`` UNet needs."""
         from .models.unet import build_unet
 
         sample = np.asarray(sample, np.float32)
@@ -144,11 +147,19 @@ class UNet(StreamedModel):
         key = (b, h, w, ctx.shape[1])
         build = lambda: build_unet(self.config, self.weight_info, batch=b, height=h, width=w,  # noqa: E731
                                    seq_len=ctx.shape[1], where=str(self.checkpoint.root))
-        return self._run(key, build, {"sample": sample, "timestep": t, "encoder_hidden_states": ctx})[0]
+        feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": ctx}
+        if self.config.get("addition_embed_type") == "text_time":
+            if text_embeds is None or time_ids is None:
+                raise StreamexecError("this UNet (SDXL, addition_embed_type text_time) needs text_embeds and time_ids")
+            feeds["text_embeds"] = np.asarray(text_embeds, np.float32)
+            feeds["time_ids"] = np.asarray(time_ids, np.float32)
+        return self._run(key, build, feeds)[0]
 
 
 class CLIPText(StreamedModel):
-    def __call__(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, input_ids: np.ndarray, penultimate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(last hidden state — ``penultimate``: ``hidden_states[-2]`` as SDXL takes it — , pooled
+        output, projected when the component has ``text_projection``)."""
         from .models.clip import build_clip_text
 
         ids = np.asarray(input_ids, np.int64)
@@ -156,8 +167,8 @@ class CLIPText(StreamedModel):
             ids = ids[None]
         b, n = ids.shape
         build = lambda: build_clip_text(self.config, self.weight_info, batch=b, seq_len=n,  # noqa: E731
-                                        where=str(self.checkpoint.root))
-        h, pooled = self._run((b, n), build, {"input_ids": ids})
+                                        where=str(self.checkpoint.root), penultimate=penultimate)
+        h, pooled = self._run((b, n, penultimate), build, {"input_ids": ids})
         return h, pooled
 
 
@@ -279,6 +290,14 @@ MODEL_CLASSES: dict[str, type[StreamedModel]] = {
 }
 
 
+def model_class(comp: Component) -> type[StreamedModel] | None:
+    """The class that runs a component: by name, except that ``text_encoder_2`` is CLIP (SDXL's
+    OpenCLIP bigG) rather than T5 (FLUX) when its weights have CLIP's names."""
+    if comp.name == "text_encoder_2" and is_clip(comp.tensors):
+        return CLIPText
+    return MODEL_CLASSES.get(comp.name)
+
+
 def load(path: str | Path | None = None, component: str | None = None, memory_budget: str | int | None = None,
          variant: str | None = None, *, baseline: int | None = None, scratch_dir: str | None = None,
          strict: bool = False, diffusion_model: str | Path | None = None, vae: str | Path | None = None,
@@ -301,7 +320,7 @@ def load(path: str | Path | None = None, component: str | None = None, memory_bu
     ckpt = assemble(path, {"diffusion_model": diffusion_model, "vae": vae, "clip_l": clip_l, "t5xxl": t5xxl},
                     variant=variant)
     comp = ckpt.component(component)
-    cls = MODEL_CLASSES.get(comp.name)
+    cls = model_class(comp)
     if cls is None:
         raise StreamexecError(f"component {comp.name!r} cannot be run yet (supported: {', '.join(MODEL_CLASSES)})")
     return cls(ckpt, comp, budget, baseline, scratch_dir, strict=strict)

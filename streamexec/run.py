@@ -240,7 +240,7 @@ def check_budget_first(pipe, params: dict, budget) -> None:
     configs = {n: dict(c.config or {}) for n, c in pipe.checkpoint.components.items()}
     shape = RunShape(int(params["height"]), int(params["width"]), 1,
                      text_len=params.get("max_sequence_length"),
-                     cfg=pipe.kind == "sd15" and float(params.get("cfg_scale") or 0) > 1)
+                     cfg=pipe.kind != "flux" and float(params.get("cfg_scale") or 0) > 1)
     for name, m in pipe.models.items():
         table = weight_table(m.store)
 

@@ -99,6 +99,10 @@ def ldm_unet_shapes(cfg: Mapping[str, Any]) -> Shapes:
             out[f"input_blocks.{b}.0.op.bias"] = (ch,)
             skips.append(ch)
             b += 1
+    if cfg.get("addition_embed_type") == "text_time":  # SGM's label_emb: linear, SiLU, linear
+        adm = cfg["projection_class_embeddings_input_dim"]
+        out.update({"label_emb.0.0.weight": (temb, adm), "label_emb.0.0.bias": (temb,),
+                    "label_emb.0.2.weight": (temb, temb), "label_emb.0.2.bias": (temb,)})
     _ldm_resblock(out, "middle_block.0", ch, ch, temb)
     _ldm_spatial_transformer(out, "middle_block.1", ch, ctx, depth[-1], linear)
     _ldm_resblock(out, "middle_block.2", ch, ch, temb)
@@ -119,6 +123,23 @@ def ldm_unet_shapes(cfg: Mapping[str, Any]) -> Shapes:
     out["out.0.bias"] = (c0,)
     out["out.2.weight"] = (cfg["out_channels"], c0, 3, 3)
     out["out.2.bias"] = (cfg["out_channels"],)
+    return out
+
+
+def open_clip_text_shapes(width: int, layers: int, vocab: int, positions: int, proj: int) -> Shapes:
+    """open_clip ``TextTransformer`` key names (SGM's ``conditioner.embedders.1.model.*``, without
+    the prefix): fused attention ``in_proj``, ``mlp.c_fc``/``c_proj``, projection stored [width, proj]."""
+    out: Shapes = {"token_embedding.weight": (vocab, width), "positional_embedding": (positions, width),
+                   "ln_final.weight": (width,), "ln_final.bias": (width,), "text_projection": (width, proj),
+                   "logit_scale": ()}
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}"
+        out.update({f"{p}.ln_1.weight": (width,), f"{p}.ln_1.bias": (width,), f"{p}.ln_2.weight": (width,),
+                    f"{p}.ln_2.bias": (width,), f"{p}.attn.in_proj_weight": (3 * width, width),
+                    f"{p}.attn.in_proj_bias": (3 * width,), f"{p}.attn.out_proj.weight": (width, width),
+                    f"{p}.attn.out_proj.bias": (width,), f"{p}.mlp.c_fc.weight": (4 * width, width),
+                    f"{p}.mlp.c_fc.bias": (4 * width,), f"{p}.mlp.c_proj.weight": (width, 4 * width),
+                    f"{p}.mlp.c_proj.bias": (width,)})
     return out
 
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as hs
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import flux_converter, tiny_clip, tiny_flux, tiny_t5, tiny_unet, tiny_vae  # noqa: E402
-from layout_keys import bfl_flux_shapes, ldm_unet_shapes, ldm_vae_shapes  # noqa: E402
+from layout_keys import bfl_flux_shapes, ldm_unet_shapes, ldm_vae_shapes, open_clip_text_shapes  # noqa: E402
 
 from streamexec.errors import CheckpointError, LayoutError  # noqa: E402
 from streamexec.weights.layouts import LayoutResult, detect_layout, map_component  # noqa: E402
@@ -438,6 +438,48 @@ def test_sd15_single_file_all_components(clip: CLIPTextModel) -> None:
     assert_bit_identical(
         resolve_all(res.components["text_encoder"], arrays, files), clip_internal(clip)
     )
+
+
+def test_sdxl_single_file_all_components(clip: CLIPTextModel) -> None:
+    """SGM (SDXL) single files: LDM UNet with ``label_emb`` (text_time), CLIP-L under
+    ``conditioner.embedders.0.transformer.``, OpenCLIP bigG under ``conditioner.embedders.1.model.``
+    (fused ``in_proj`` split into row views; the projection stays as stored, [width, proj]), LDM
+    VAE — each compared with diffusers' own single-file converters."""
+    from transformers import CLIPTextModelWithProjection
+
+    unet = tiny_unet(0, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=24,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=(2, 4),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+                     projection_class_embeddings_input_dim=12 + 6 * 4)
+    vae = _vae(4, True)
+    bigg = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=2,
+                                                      max_position_embeddings=12, projection_dim=12,
+                                                      hidden_act="gelu", bos_token_id=0, eos_token_id=2)).eval()
+    arrays = random_arrays(ldm_unet_shapes(unet.config), "model.diffusion_model.", seed=7)
+    assert "model.diffusion_model.label_emb.0.0.weight" in arrays
+    arrays |= random_arrays(ldm_vae_shapes(vae.config), "first_stage_model.", seed=8)
+    arrays |= {"conditioner.embedders.0.transformer." + k: v.numpy() for k, v in clip_internal(clip).items()}
+    arrays |= random_arrays(open_clip_text_shapes(16, 2, 64, 12, 12), "conditioner.embedders.1.model.", seed=9)
+    files = stored(arrays)
+    res = detect_layout(files, "sd_xl_base_1.0.safetensors")
+    assert res.layout == "sgm-sdxl"
+    assert sorted(res.components) == ["text_encoder", "text_encoder_2", "unet", "vae"]
+    assert res.ignored == ["conditioner.embedders.1.model.logit_scale"]
+    oracle = sfu.convert_ldm_unet_checkpoint(to_torch(arrays), unet.config)
+    assert_bit_identical(resolve_all(res.components["unet"], arrays, files), oracle)
+    oracle = sfu.convert_ldm_vae_checkpoint(to_torch(arrays), vae.config)
+    assert_bit_identical(resolve_all(res.components["vae"], arrays, files), oracle)
+    assert_bit_identical(resolve_all(res.components["text_encoder"], arrays, files), clip_internal(clip))
+    te2 = res.components["text_encoder_2"]
+    assert te2["text_model.encoder.layers.1.self_attn.k_proj.weight"].parts[0].rows == (16, 32)
+    ours = resolve_all(te2, arrays, files)
+    ours["text_projection.weight"] = np.ascontiguousarray(ours.pop("text_projection.weight.T").T)
+    oracle = sfu.convert_open_clip_checkpoint(bigg, to_torch(arrays), prefix="conditioner.embedders.1.model.")
+    oracle.pop("text_model.embeddings.position_ids", None)
+    assert_bit_identical(ours, oracle)
+    load_into(bigg, ours, strip=clip_strip(bigg))
 
 
 def test_comfy_all_in_one_flux_checkpoint(clip: CLIPTextModel, t5: T5EncoderModel) -> None:

@@ -1,5 +1,7 @@
-"""CLIPTextModel (transformers semantics) as an op graph: causal self-attention, quick_gelu MLP,
-final layer norm, pooled output at the EOS token."""
+"""CLIPTextModel / CLIPTextModelWithProjection (transformers semantics) as an op graph: causal
+self-attention, quick_gelu or gelu MLP, final layer norm, pooled output at the EOS token —
+projected by ``text_projection`` when the component has one (SDXL's OpenCLIP bigG) — and, for
+SDXL, the penultimate layer's hidden state (``hidden_states[-2]``) instead of the last."""
 
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh", "g
 
 
 def build_clip_text(config: dict, weight_info: WeightInfo, *, batch: int, seq_len: int = 77,
-                    where: str = "text_encoder") -> Graph:
+                    where: str = "text_encoder", penultimate: bool = False) -> Graph:
     """Graph for ``CLIPTextModel.forward(input_ids)`` → (last_hidden_state, pooler_output).
 
-    Input ``input_ids`` [B, N] (int64); outputs ``last_hidden_state`` [B, N, D] and
-    ``pooler_output`` [B, D]. Layer count and width come from the weights; heads, activation and
-    eps from the config (CLIP-L defaults when a single file carries no config).
+    Input ``input_ids`` [B, N] (int64); outputs ``last_hidden_state`` [B, N, D] (``penultimate``:
+    ``hidden_states[-2]``, the input of the last layer, without the final norm) and
+    ``pooler_output`` [B, D] — ``text_embeds`` [B, P] when the weights include
+    ``text_projection.weight`` (CLIPTextModelWithProjection). Layer count and width come from the
+    weights; heads, activation and eps from the config (CLIP-L defaults when a single file carries
+    no config).
     """
     cfg = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
     act = _ACTS.get(cfg["hidden_act"])
@@ -44,7 +49,10 @@ def build_clip_text(config: dict, weight_info: WeightInfo, *, batch: int, seq_le
                  weights={"weight": "text_model.embeddings.token_embedding.weight"}, attrs={"vocab": vocab})
         h = g.op("add_position", [h], (batch, seq_len, width), name="text_model.embeddings.position_embedding",
                  weights={"weight": g.expect("text_model.embeddings.position_embedding.weight", (max_pos, width))})
+    hidden = h
     for i in range(layers):
+        if i == layers - 1 and penultimate:
+            hidden = h
         p = f"text_model.encoder.layers.{i}"
         with g.unit(f"{p}.self_attn"):
             n = g.layer_norm(h, f"{p}.layer_norm1", eps)
@@ -58,5 +66,14 @@ def build_clip_text(config: dict, weight_info: WeightInfo, *, batch: int, seq_le
         h = g.layer_norm(h, "text_model.final_layer_norm", eps)
         pooled = g.op("pool_eos", [h, ids], (batch, width), name="text_model.pooler",
                       attrs={"eos_token_id": int(cfg["eos_token_id"])})
-    g.output(h, pooled)
+    if g.has("text_projection.weight"):
+        with g.unit("text_projection"):
+            pooled = g.linear(pooled, "text_projection", bias=False)
+    elif g.has("text_projection.weight.T"):  # OpenCLIP's single-file orientation, [width, proj]
+        proj = g.wshape("text_projection.weight.T")[1]
+        with g.unit("text_projection"):
+            pooled = g.op("linear", [pooled], (batch, proj), name="text_projection",
+                          weights={"weight": g.expect("text_projection.weight.T", (width, proj))},
+                          attrs={"transposed": True})
+    g.output(h if not penultimate else hidden, pooled)
     return g.graph

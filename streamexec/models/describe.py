@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..sizes import format_size
-from .registry import is_flux_dev
+from .registry import is_clip, is_flux_dev
 
 if TYPE_CHECKING:
     from ..weights.checkpoint import Checkpoint, Component
@@ -36,7 +36,7 @@ def architecture(comp: Component) -> str:
         cross = next(
             (t.shape[1] for k, t in comp.tensors.items() if k.endswith("attn2.to_k.weight")), None
         )
-        family = {768: "SD 1.x", 1024: "SD 2.x"}.get(cross or 0, "UNet")
+        family = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(cross or 0, "UNet")
         return (
             f"{family} UNet: in {_dim(comp, 'conv_in.weight', 1)} ch, blocks "
             f"{'/'.join(str(c) for c in chans)}, cross-attention {cross}"
@@ -51,10 +51,11 @@ def architecture(comp: Component) -> str:
     if n == "vae":
         latent = _dim(comp, "decoder.conv_in.weight", 1)
         return f"AutoencoderKL: {latent} latent channels"
-    if n == "text_encoder":
+    if n == "text_encoder" or (n == "text_encoder_2" and is_clip(comp.tensors)):
         layers = _count(comp, r"text_model\.encoder\.layers\.(\d+)\.")
         width = _dim(comp, "text_model.embeddings.token_embedding.weight", 1)
-        return f"CLIP text encoder: {layers} layers, width {width}"
+        proj = " with projection" if any(k.startswith("text_projection.") for k in comp.tensors) else ""
+        return f"CLIP text encoder{proj}: {layers} layers, width {width}"
     if n == "text_encoder_2":
         layers = _count(comp, r"encoder\.block\.(\d+)\.")
         width = _dim(comp, "shared.weight", 1)

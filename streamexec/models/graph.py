@@ -9,7 +9,8 @@ kind                 semantics (inputs → output; weights; attrs)
 ===================  ===========================================================================
 linear               x[..., K] → x @ W.T + b; weight [N, K], bias; attrs: activation
                      (None|silu|gelu|gelu_tanh|quick_gelu), gate (None|geglu|gated_gelu: second
-                     weight ``weight2`` or halves of one), optional 2nd input = residual added
+                     weight ``weight2`` or halves of one), optional 2nd input = residual added;
+                     attrs transposed: weight stored [K, N], x @ W (a small one; no bias)
 conv2d               x[B, C, H, W] → [B, Co, Ho, Wo]; weight [Co, C, k, k], bias; attrs stride,
                      pad (top, bottom, left, right), upsample (nearest 2× fused); opt. residual
 group_norm           x[B, C, H, W]; weight, bias; attrs groups, eps, silu
@@ -30,7 +31,8 @@ slice                x[..., start:stop]; attrs axis, start, stop (a view: chunks
                      the text / image rows of a joint stream)
 to_tokens            [B, C, H, W] → [B, H*W, C]
 to_image             [B, H*W, C] → [B, C, H, W]; attrs height, width
-timestep_embedding   t[B] → [B, dim]; attrs dim, flip_sin_to_cos, shift, scale
+timestep_embedding   t[B] → [B, dim], or t[B, T] → [B, T*dim] (each value's embedding side by side:
+                     SDXL's time ids); attrs dim, flip_sin_to_cos, shift, scale
 embedding            ids[B, N] (int) → weight rows [B, N, D]
 add_position         x[B, N, D] + weight[:N] (learned positions, CLIP)
 pool_eos             x[B, N, D], ids[B, N] → [B, D]: the row at the EOS token (CLIP pooled output)

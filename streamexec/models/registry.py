@@ -43,6 +43,15 @@ def is_flux(components: Container[str]) -> bool:
     return "transformer" in components
 
 
+#: The weight every CLIP text encoder has (and T5 has not): tells SDXL's text_encoder_2 from FLUX's.
+CLIP_MARKER = "text_model.embeddings.token_embedding.weight"
+
+
+def is_clip(keys: Container[str]) -> bool:
+    """Whether a text encoder with these (internal) weight names is CLIP rather than T5."""
+    return CLIP_MARKER in keys
+
+
 def is_flux_dev(config: dict | None, weight_info: WeightInfo | None = None) -> bool:
     """FLUX.1-dev (guidance-distilled) rather than schnell: the transformer config's
     ``guidance_embeds``, or — a single file without config — a guidance embedder among its weights
@@ -111,7 +120,7 @@ def build_component(name: str, config: dict, weight_info: WeightInfo, shape: Run
         text_len = shape.text_len or clip_text_len(configs.get("text_encoder"))
         return build_unet(config, weight_info, batch=guided * shape.batch, height=h, width=w, seq_len=text_len,
                           where=where)
-    if name == "text_encoder":
+    if name == "text_encoder" or (name == "text_encoder_2" and weight_info(CLIP_MARKER) is not None):
         from .clip import build_clip_text
 
         return build_clip_text(config, weight_info, batch=guided * shape.batch,

@@ -1,5 +1,8 @@
-"""UNet2DConditionModel (diffusers semantics) as an op graph: SD 1.x-style configs of any
-width/depth — CrossAttnDown/Down/Up/CrossAttnUp blocks, GEGLU feed-forward, skip connections."""
+"""UNet2DConditionModel (diffusers semantics) as an op graph: SD 1.x/2.x/SDXL-style configs of any
+width/depth — CrossAttnDown/Down/Up/CrossAttnUp blocks, transformer layers and heads per level,
+linear or conv projections, GEGLU feed-forward, skip connections, and SDXL's ``text_time`` added
+conditioning (pooled text embeds + sinusoidal embeddings of the six size/crop time ids).
+``upcast_attention`` (SD 2.1) changes nothing here: attention already runs in float32."""
 
 from __future__ import annotations
 
@@ -25,9 +28,11 @@ DEFAULTS = {
     "transformer_layers_per_block": 1,
     "act_fn": "silu",
     "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "addition_time_embed_dim": 256,
 }
 _UNSUPPORTED = {
-    "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+    "class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "num_class_embeds": None, "cross_attention_norm": None,
     "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
     "only_cross_attention": False, "dual_cross_attention": False, "center_input_sample": False,
 }
@@ -45,6 +50,9 @@ def unet_config(config: dict) -> dict:
             val = any(val)
         if val != default and not (val is None and default is None):
             raise CheckpointError("unet config", f"{key}={val!r} is not supported yet")
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise CheckpointError("unet config", f"addition_embed_type={cfg['addition_embed_type']!r} is not supported "
+                              "(text_time only)")
     if cfg["act_fn"] != "silu":
         raise CheckpointError("unet config", f"act_fn={cfg['act_fn']!r} is not supported (silu only)")
     return cfg
@@ -55,7 +63,8 @@ def build_unet(config: dict, weight_info: WeightInfo, *, batch: int, height: int
     """Graph for ``UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states)``.
 
     ``height``/``width`` are latent sizes (pixels / 8). Inputs: ``sample`` [B, C, h, w],
-    ``timestep`` [B], ``encoder_hidden_states`` [B, seq_len, cross_dim]; output ``sample``.
+    ``timestep`` [B], ``encoder_hidden_states`` [B, seq_len, cross_dim], and with ``text_time``
+    (SDXL) ``text_embeds`` [B, P] and ``time_ids`` [B, T] (``added_cond_kwargs``); output ``sample``.
     """
     cfg = unet_config(config)
     g = GraphBuilder("UNet2DConditionModel", cfg, weight_info, where)
@@ -80,6 +89,8 @@ def build_unet(config: dict, weight_info: WeightInfo, *, batch: int, height: int
         })
         emb = g.linear(temb, "time_embedding.linear_1", activation="silu")
         emb = g.linear(emb, "time_embedding.linear_2")
+        if cfg.get("addition_embed_type") == "text_time":
+            emb = text_time_embedding(g, cfg, emb, batch, where)
         emb_act = g.unary(emb, "silu", name="time_embedding.act_out")
 
     def resnet(h: str, prefix: str, out_ch: int) -> str:
@@ -185,3 +196,28 @@ def build_unet(config: dict, weight_info: WeightInfo, *, batch: int, height: int
         h = g.conv2d(h, "conv_out")
     g.output(h)
     return g.graph
+
+
+#: SDXL base's time ids: original height/width, crop top/left, target height/width.
+TIME_IDS = 6
+
+
+def text_time_embedding(g: GraphBuilder, cfg: dict, emb: str, batch: int, where: str) -> str:
+    """``emb + add_embedding(cat(text_embeds, add_time_proj(time_ids).reshape(B, -1)))``: SDXL's added
+    conditioning. The pooled width (1280) follows from the weights: ``add_embedding.linear_1`` takes
+    ``P + 6 * addition_time_embed_dim`` features (the refiner's 5 time ids are not supported)."""
+    tdim = int(cfg["addition_time_embed_dim"])
+    fan_in = g.wshape("add_embedding.linear_1.weight")[1]
+    pooled = fan_in - TIME_IDS * tdim
+    if pooled <= 0:
+        raise CheckpointError(where, f"add_embedding.linear_1 takes {fan_in} features, too few for "
+                                     f"{TIME_IDS} time ids of {tdim}")
+    text = g.input("text_embeds", (batch, pooled))
+    ids = g.input("time_ids", (batch, TIME_IDS))
+    tproj = g.op("timestep_embedding", [ids], (batch, TIME_IDS * tdim), name="add_time_proj", attrs={
+        "dim": tdim, "flip_sin_to_cos": cfg["flip_sin_to_cos"], "shift": cfg["freq_shift"], "scale": 1.0,
+    })
+    cat = g.op("concat", [text, tproj], (batch, fan_in), name="add_embedding.concat", attrs={"axis": 1})
+    aug = g.linear(cat, "add_embedding.linear_1", activation="silu")
+    aug = g.linear(aug, "add_embedding.linear_2")
+    return g.add(emb, aug, name="add_embedding.add")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..api import MODEL_CLASSES
+from ..api import model_class
 from ..errors import StreamexecError
 from ..models.registry import default_size, vae_scale
 from ..weights.checkpoint import Checkpoint
@@ -118,13 +118,13 @@ class Pipeline:
         if missing:
             from ..weights.roles import FLAGS, role_of
 
-            what = "an SD 1.5" if self.kind == "sd15" else "a FLUX.1"
+            what = {"sd15": "an SD 1.5", "sdxl": "an SDXL"}.get(self.kind, "a FLUX.1")
             raise StreamexecError(
                 f"{root}: {what} run needs {', '.join(self.components)}; it has {', '.join(ckpt.components)}, "
-                f"missing {', '.join(f'{c} ({FLAGS[role_of(c)]} FILE)' for c in missing)} "
+                f"missing {', '.join(_missing_hint(c, self.kind, FLAGS, role_of) for c in missing)} "
                 "(or point at a diffusers pipeline folder, an all-in-one file or a folder holding all the files)")
         for c in self.components:
-            self.models[c] = MODEL_CLASSES[c](ckpt, ckpt.components[c], memory_budget, None, scratch_dir)
+            self.models[c] = model_class(ckpt.components[c])(ckpt, ckpt.components[c], memory_budget, None, scratch_dir)
         self._sched: Any = None
         self._bytes = 0
         self._graph_bytes: dict[int, int] = {}
@@ -252,3 +252,12 @@ def resolve_size(req: Request, native: int, multiple: int, what: str) -> tuple[i
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
             raise StreamexecError(f"{name} {v!r}: {what} needs a positive multiple of {multiple}")
     return int(h), int(w)
+
+
+def _missing_hint(component: str, kind: str, flags: dict[str, str], role_of: Callable[[str], str | None]) -> str:
+    """``text_encoder_2 (--t5xxl FILE)``: the component and the flag that supplies it, where one does
+    (SDXL's second text encoder, OpenCLIP bigG, has no flag of its own yet)."""
+    role = role_of(component)
+    if role is None or (kind == "sdxl" and component == "text_encoder_2"):
+        return component
+    return f"{component} ({flags[role]} FILE)"

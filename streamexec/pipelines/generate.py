@@ -47,6 +47,7 @@ from .common import (
 )
 from .flux import FluxPipeline
 from .sd15 import SD15Pipeline
+from .sdxl import SDXLPipeline, is_sdxl
 
 __all__ = [
     "FluxPipeline",
@@ -55,6 +56,7 @@ __all__ = [
     "Request",
     "Result",
     "SD15Pipeline",
+    "SDXLPipeline",
     "StepFn",
     "initial_noise",
     "open_pipeline",
@@ -67,7 +69,8 @@ def open_pipeline(model: str | Path | None, *, memory_budget: int | str | None =
                   tokenizer: str | Path | None = None, variant: str | None = None, scratch_dir: str | None = None,
                   files: dict[str, str | Path | None] | None = None) -> Pipeline:
     """Open a diffusers pipeline folder (``model_index.json``) or an SD 1.5 single ``.safetensors``
-    file as the pipeline that runs it: FLUX when it has a ``transformer``, else SD 1.5.
+    file as the pipeline that runs it: FLUX when it has a ``transformer``, SDXL when its UNet takes
+    ``text_time`` conditioning, else SD 1.x/2.x.
     ``memory_budget`` as ``sizes.parse_budget`` reads it (a size, ``auto``, ``min`` or None).
     ``tokenizer``: a folder with the tokenizer files when the model has none (the shipped CLIP BPE
     and T5 vocabulary otherwise). ``files``: one file per role, ``diffusion_model``, ``vae``,
@@ -80,7 +83,7 @@ def open_pipeline(model: str | Path | None, *, memory_budget: int | str | None =
         if ckpt.kind == "component":
             raise StreamexecError(f"{root}: a single component folder; a run needs the whole pipeline folder "
                                   "(the one with model_index.json)")
-        sub = FluxPipeline if is_flux(ckpt.components) else SD15Pipeline
+        sub = FluxPipeline if is_flux(ckpt.components) else SDXLPipeline if is_sdxl(ckpt) else SD15Pipeline
         return sub(ckpt, root, budget, scratch_dir, tokenizer)
     except BaseException:
         ckpt.close()

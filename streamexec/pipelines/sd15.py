@@ -46,6 +46,7 @@ class SD15Pipeline(Pipeline):
 
     kind = "sd15"
     components = ("text_encoder", "unet", "vae")
+    default_cfg = DEFAULT_CFG
 
     def __init__(self, ckpt: Checkpoint, root: Path, memory_budget: int | str | None, scratch_dir: str | None,
                  tokenizer: str | Path | None = None) -> None:
@@ -74,7 +75,7 @@ class SD15Pipeline(Pipeline):
         p: dict[str, Any] = {
             "prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed,
             "steps": self.default_steps() if req.steps is None else req.steps,
-            "cfg_scale": DEFAULT_CFG if req.cfg_scale is None else float(req.cfg_scale),
+            "cfg_scale": self.default_cfg if req.cfg_scale is None else float(req.cfg_scale),
             "model": self.name, "kind": self.kind,
         }
         if req.init_image is not None:

@@ -105,9 +105,9 @@ def op_seconds(graph: Graph, op: Op, cost: OpCost, params: dict, weight_shape: d
     """Predicted compute seconds of ``op`` with kernel ``params`` (no weight loading, no spills:
     the fit charges those per unit). Bigger tiles are never predicted slower than smaller ones."""
     from ..kernels.attention import default_tiles
-    from ..kernels.threads import kernel_workers
     from ..kernels.conv import conv2d_plan
     from ..kernels.linear import default_panel_rows
+    from ..kernels.threads import kernel_workers
 
     k = op.kind
     if k == "conv2d":

@@ -59,6 +59,8 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 
 def op_linear(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    if op.attrs.get("transposed"):  # a small [K, N] weight (OpenCLIP's text projection): x @ W, no bias
+        return np.matmul(_rows(args[0]), ctx.vector(op, "weight"), dtype=np.float32).reshape(shape)
     x = _rows(args[0])
     w = ctx.weight(op, "weight")
     b = ctx.weight(op, "bias")
@@ -267,7 +269,7 @@ def op_timestep_embedding(ctx: OpContext, op: Op, args: list[np.ndarray], shape:
     return timestep_embedding(
         np.asarray(args[0], np.float32).reshape(-1), a["dim"], flip_sin_to_cos=a["flip_sin_to_cos"],
         downscale_freq_shift=a["shift"], scale=a.get("scale", 1.0),
-    ).astype(np.float32, copy=False)
+    ).astype(np.float32, copy=False).reshape(shape)  # [B, T] ids: each id's embedding, side by side
 
 
 def op_embedding(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:

@@ -26,7 +26,7 @@ CLASS_TO_COMPONENT = {
     "AutoencoderKL": "vae",
     "FluxTransformer2DModel": "transformer",
     "CLIPTextModel": "text_encoder",
-    "CLIPTextModelWithProjection": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",  # SDXL's OpenCLIP bigG
     "T5EncoderModel": "text_encoder_2",
 }
 
@@ -177,7 +177,9 @@ def _open_single_file(path: Path) -> Checkpoint:
     result = detect_layout(_stored(f), str(path))
     from ..configs import default_config
 
-    comps = {name: Component(name, result.layout, t, default_config(name, t)) for name, t in result.components.items()}
+    sdxl = result.layout == "sgm-sdxl"
+    comps = {name: Component(name, result.layout, t, default_config(name, t, sdxl=sdxl))
+             for name, t in result.components.items()}
     return Checkpoint(path, "file", files, comps, ignored=list(result.ignored))
 
 

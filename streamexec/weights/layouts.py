@@ -3,16 +3,19 @@
 Inside streamexec every tensor is named as diffusers/transformers name it in its component:
 ``unet`` (UNet2DConditionModel), ``vae`` (AutoencoderKL), ``transformer``
 (FluxTransformer2DModel), ``text_encoder`` (CLIP text model, ``text_model.*`` names as the
-published checkpoints have them) and ``text_encoder_2`` (T5 encoder). The files people actually
-have use other names (SD 1.5 LDM/CompVis single files, BFL FLUX files, ComfyUI text encoders);
+published checkpoints have them) and ``text_encoder_2`` (T5 encoder; SDXL: OpenCLIP bigG with CLIP
+names). The files people actually have use other names (SD 1.5 LDM/CompVis and SDXL SGM single
+files, BFL FLUX files, ComfyUI text encoders);
 this module recognises them from key names and shapes alone and says, for every internal name,
 which stored bytes hold it (:class:`~streamexec.weights.refs.MappedTensor`).
 
 Everything is decided from names and shapes: no file is opened and no tensor data is read. Block
 counts, layers per block and widths are inferred from the keys present, never assumed. Splits of
-fused tensors (BFL's ``qkv`` and ``linear1``) are row ranges and 1x1 convolutions seen as linear
+fused tensors (BFL's ``qkv`` and ``linear1``, OpenCLIP's ``in_proj``) are row ranges and 1x1 convolutions seen as linear
 weights are reshapes, so every big tensor stays a zero-copy view; the only concatenation is BFL's
 ``final_layer.adaLN_modulation`` whose (shift, scale) halves diffusers stores as (scale, shift).
+The one internal name diffusers lacks is ``text_projection.weight.T`` (OpenCLIP's projection as
+stored, the transpose of diffusers' ``text_projection.weight``), so it too stays a view.
 """
 
 from __future__ import annotations
@@ -150,6 +153,8 @@ _LDM_UNET_TOP = {
     "time_embed.0": "time_embedding.linear_1",
     "time_embed.2": "time_embedding.linear_2",
     "input_blocks.0.0": "conv_in",
+    "label_emb.0.0": "add_embedding.linear_1",  # SDXL's text_time added conditioning
+    "label_emb.0.2": "add_embedding.linear_2",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
 }
@@ -459,6 +464,45 @@ def _convert_clip(section: Section, out: _Out) -> None:
             out.unknown.append(st.key)
 
 
+#: OpenCLIP text tower (SDXL ``conditioner.embedders.1.model.*``) -> CLIP names, per layer and top level.
+_OPEN_CLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPEN_CLIP_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                  "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                  "ln_final.weight": "text_model.final_layer_norm.weight",
+                  "ln_final.bias": "text_model.final_layer_norm.bias",
+                  # stored [width, projection]: x @ W, the transpose of diffusers' text_projection.weight
+                  "text_projection": "text_projection.weight.T"}
+_OPEN_CLIP_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias|in_proj_weight|in_proj_bias)")
+
+
+def _convert_open_clip(section: Section, out: _Out) -> None:
+    """OpenCLIP text tower -> CLIPTextModelWithProjection names: the fused attention ``in_proj``
+    is split into q/k/v as row views; the projection keeps its stored [width, proj] orientation
+    (``text_projection.weight.T``, which the CLIP graph multiplies from the right)."""
+    for key, st in section.items():
+        if key in _OPEN_CLIP_TOP:
+            out.same(_OPEN_CLIP_TOP[key], st)
+            continue
+        if key in ("logit_scale", "attn_mask"):
+            out.ignored.append(st.key)
+            continue
+        m = _OPEN_CLIP_RE.fullmatch(key)
+        if m is None:
+            out.unknown.append(st.key)
+            continue
+        prefix = f"text_model.encoder.layers.{m[1]}"
+        if m[2] == "attn" and m[3] in ("in_proj_weight", "in_proj_bias"):
+            width = st.shape[0] // 3
+            parts = _split_rows(st, (width, width, width), out.path)
+            for name, mt in zip(("q_proj", "k_proj", "v_proj"), parts):
+                out.put(f"{prefix}.self_attn.{name}.{m[3].removeprefix('in_proj_')}", mt)
+        elif m[2] in _OPEN_CLIP_LAYER and m[3] in ("weight", "bias"):
+            out.same(f"{prefix}.{_OPEN_CLIP_LAYER[m[2]]}.{m[3]}", st)
+        else:
+            out.unknown.append(st.key)
+
+
 _T5_KEEP = re.compile(r"encoder\.(block\.\d+\..+|final_layer_norm\.weight)")
 _T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
 
@@ -552,6 +596,7 @@ _KINDS: dict[str, tuple[str, Converter]] = {
     "bfl-flux": ("transformer", _convert_bfl_flux),
     "clip": ("text_encoder", _convert_clip),
     "t5": ("text_encoder_2", _convert_t5),
+    "open-clip": ("text_encoder_2", _convert_open_clip),
     "diffusers-unet": ("unet", _identity("unet")),
     "diffusers-vae": ("vae", _identity("vae")),
     "diffusers-transformer": ("transformer", _identity("transformer")),
@@ -564,6 +609,8 @@ _WRAPPERS: tuple[tuple[str, str], ...] = (
     ("first_stage_model.", "ldm-vae"),
     ("vae.", "ldm-vae"),
     ("cond_stage_model.transformer.", "clip"),
+    ("conditioner.embedders.0.transformer.", "clip"),  # SDXL (SGM): CLIP-L
+    ("conditioner.embedders.1.model.", "open-clip"),  # SDXL (SGM): OpenCLIP bigG
     ("text_encoders.clip_l.transformer.", "clip"),
     ("text_encoders.t5xxl.transformer.", "t5"),
 )
@@ -708,6 +755,8 @@ def detect_layout(tensors: dict[str, StoredTensor], path: str) -> LayoutResult:
 def _layout_name(kinds: list[str], wrapped: bool, has_quant: bool) -> str:
     if "bfl-flux" in kinds:
         return "bfl-flux"
+    if "open-clip" in kinds:
+        return "sgm-sdxl"
     if wrapped or "ldm-unet" in kinds:
         return "ldm-sd15"
     kind = kinds[0]
@@ -734,6 +783,12 @@ def map_component(
     if component not in COMPONENTS:
         raise LayoutError(path, f"unknown component {component!r} (known: {', '.join(COMPONENTS)})")
     result = detect_layout(tensors, path)
+    if component == "text_encoder_2" and "text_encoder" in result.components:
+        # SDXL's OpenCLIP bigG (CLIPTextModelWithProjection): CLIP names, and its projection is used
+        mapped = dict(result.components["text_encoder"])
+        if "text_projection.weight" in tensors:
+            mapped["text_projection.weight"] = single(tensors["text_projection.weight"])
+        return mapped
     if component not in result.components:
         found = ", ".join(result.components)
         raise LayoutError(
