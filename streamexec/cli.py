@@ -43,18 +43,6 @@ def _add_role_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--t5xxl", metavar="FILE", help="T5-XXL text encoder file (FLUX)")
 
 
-def role_files(args: argparse.Namespace) -> dict[str, str]:
-    """The files given with the role flags, by role name (``weights.roles.ROLES``)."""
-    return {r: getattr(args, r) for r in ("diffusion_model", "vae", "clip_l", "t5xxl") if getattr(args, r, None)}
-
-
-def open_model(args: argparse.Namespace, model: str | None):
-    """MODEL (file or folder, or None) with the role flags' files in place."""
-    from .weights.roles import assemble
-
-    return assemble(model, role_files(args), variant=getattr(args, "variant", None))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamexec",
@@ -185,6 +173,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .models.describe import describe_checkpoint
 
     budget = parse_budget(args.memory_budget)
+    from .weights.roles import open_model
+
     ckpt = open_model(args, args.model)
     try:
         for name in args.component or ():

@@ -46,7 +46,7 @@ def resolve(args: argparse.Namespace) -> tuple[Path, dict, dict, dict | None]:
     """(model path, run settings from the plan, memory settings from the plan, the plan itself
     when it is a full plan whose schedules the run should follow). A plan made with the role flags
     (--vae, --clip-l, ...) puts its files back on ``args`` unless the command line gives them."""
-    from .cli import open_model, role_files
+    from .weights.roles import open_model, role_files
 
     if args.plan is None:
         if not role_files(args).get("diffusion_model") and not args.model:
@@ -262,10 +262,10 @@ def _first(flag, planned):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .cli import role_files
     from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
     from .pipelines.progress import Progress
+    from .weights.roles import role_files
 
     t0 = time.perf_counter()
     model, run, mem, plan = resolve(args)

@@ -8,6 +8,7 @@ holds (``open_loose_folder``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointError, LayoutError
 from .checkpoint import Checkpoint, Component, _open_single_file, open_checkpoint
@@ -196,3 +197,14 @@ def check_shapes(components: dict[str, Component], owner: dict[str, Path], given
         blame = dcomp if role_of(dcomp) in given and role_of(ocomp) not in given else ocomp
         raise CheckpointError(owner[blame], f"{ocomp} {_SIZES[other][3].format(b)} but the {dcomp} "
                               f"({owner[dcomp].name}) {_SIZES[den][3].format(a // factor)}")
+
+
+def role_files(flags: Any) -> dict[str, str]:
+    """The files given with the role flags (``--diffusion-model`` …; attributes of an argparse
+    namespace, by role name), by role."""
+    return {r: getattr(flags, r) for r in ROLES if getattr(flags, r, None)}
+
+
+def open_model(flags: Any, model: str | Path | None) -> Checkpoint:
+    """MODEL (file or folder, or None) with the role flags' files in place."""
+    return assemble(model, role_files(flags), variant=getattr(flags, "variant", None))
