@@ -97,3 +97,19 @@ def test_encoder_file_and_full_vae_are_refused(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(full))
     with pytest.raises(StreamexecError, match="no component 'taesd'"):
         streamexec.load(full, component="taesd")
+
+
+def test_described_and_planned_from_the_file(tmp_path: Path) -> None:
+    from streamexec.models.describe import describe_checkpoint
+    from streamexec.models.registry import RunShape, build_component
+    from streamexec.weights.checkpoint import open_checkpoint
+
+    path = original_decoder_file(tiny_autoencoder(16, 8, (1, 1, 1, 1), seed=8), tmp_path / "taef1.safetensors")
+    ckpt = open_checkpoint(path)
+    text = describe_checkpoint(ckpt)
+    assert "taesd layout" in text and "AutoencoderTiny decoder (TAEF1): 16 latent channels, width 8" in text
+    comp = ckpt.component("taesd")
+    graph = build_component("taesd", {}, lambda k: None if (t := comp.tensors.get(k)) is None else (t.shape, t.dtype),
+                            RunShape(64, 32), {}, str(path))
+    assert graph.inputs["z"] == (1, 16, 8, 4) and graph.tensors[graph.outputs[0]] == (1, 3, 64, 32)
+    ckpt.close()
