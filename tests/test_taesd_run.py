@@ -100,3 +100,34 @@ def test_ctrl_c_removes_the_preview_unless_kept(env: dict, tiny, tmp_path: Path,
     assert proc.returncode == 130, err[-2000:]
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["prev.png"] if keep else [])  # and no .part file
+
+
+def test_flux_pipeline_unpacks_latents_for_the_tiny_decoder(tmp_path: Path) -> None:
+    from helpers import flux_folder
+
+    from streamexec.pipelines.flux import unpack_latents
+    from streamexec.pipelines.generate import Request, open_pipeline
+
+    folder = flux_folder(tmp_path, dev=False)  # 4 latent channels, 2× VAE
+    model = tiny_autoencoder(4, 8, (1, 1), seed=9)  # one upsample: 2×
+    model.save_pretrained(tmp_path / "taesd")
+    with open_pipeline(folder) as pipe:
+        pipe.use_tiny_decoder(tmp_path / "taesd")
+        result = pipe(Request(prompt="a cat", steps=2, height=32, width=32, seed=3))
+        preview = pipe.preview(result.latents)
+    with torch.no_grad():
+        ref = model.decode(torch.from_numpy(unpack_latents(result.latents, 16, 16))).sample[0].numpy()
+    ref8 = np.clip(ref / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255
+    assert result.image.shape == (32, 32, 3) and np.array_equal(preview, result.image)
+    assert np.abs(result.image.astype(np.float64) - ref8).max() <= 0.51
+
+
+def test_tiny_decoder_for_other_latents_is_refused(env: dict, tmp_path: Path) -> None:
+    from streamexec.errors import StreamexecError
+    from streamexec.pipelines.demo import ensure_demo_model
+    from streamexec.pipelines.generate import open_pipeline
+
+    os.environ["STREAMEXEC_CACHE"] = env["STREAMEXEC_CACHE"]
+    path = original_decoder_file(tiny_autoencoder(16, 8, (1, 1), seed=10), tmp_path / "taef1.safetensors")
+    with open_pipeline(ensure_demo_model()) as pipe, pytest.raises(StreamexecError, match="16 latent channels"):
+        pipe.use_tiny_decoder(path)
