@@ -289,6 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     old = signal.signal(signal.SIGTERM, on_term)
     progress = Progress(budget if isinstance(budget, int) else None, quiet=args.quiet)
     pipe = open_pipeline(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir)
+    previewed: list[int] = []  # denoiser calls a preview was written after
     try:
         if args.taesd:
             pipe.use_tiny_decoder(args.taesd)
@@ -309,6 +310,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 write_checkpoint(args.latents_out, i, latents, pipe.resume_state(), params_probe)
             if args.preview and (i + 1) % args.preview_every == 0:
                 save_png(args.preview, pipe.preview(latents), {**params_probe, "preview_step": i + 1})
+                previewed.append(i)
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -332,7 +334,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             save_text(args.trace, json.dumps({"parameters": result.parameters, "components": traces}, default=str))
             _log(f"wrote {args.trace}: per-op time, weight bytes, RSS after and peak RSS of each component's last call")
     except BaseException:  # Ctrl-C or a failure: a half-made preview is not the picture, gone unless kept
-        if args.preview and not args.keep_preview:
+        if previewed and not args.keep_preview:  # (only a preview this run wrote)
             Path(args.preview).unlink(missing_ok=True)
         raise
     finally:

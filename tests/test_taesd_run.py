@@ -81,6 +81,9 @@ def test_bad_taesd_input_is_one_line_and_writes_nothing(env: dict, tmp_path: Pat
         assert lines[-1].startswith("streamexec: error:") and says in lines[-1], lines
         assert "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae.safetensors"]
+    prev.write_bytes(b"an earlier run's preview")  # not this run's: a refused run leaves it alone
+    assert cli(*SMALL, "--taesd", str(full), "--preview", str(prev), "-o", str(out), env=env).returncode == 2
+    assert prev.read_bytes() == b"an earlier run's preview" and not out.exists()
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["removed", "kept"])
