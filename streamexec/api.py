@@ -5,6 +5,7 @@ Argument names and outputs follow diffusers/transformers, numpy in and numpy out
     eps = streamexec.load(p, component="unet")(sample=x, timestep=t, encoder_hidden_states=c)
     h, pooled = streamexec.load(p, component="text_encoder")(input_ids=ids)
     img = streamexec.load(p, component="vae").decode(z)           # and .encode(x)
+    img = streamexec.load("taesd_decoder.safetensors").decode(z)  # tiny decoder (component "taesd")
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from .errors import StreamexecError
 from .models.graph import Graph
-from .models.registry import is_clip, is_flux_dev, vae_scaling_factor, vae_shift_factor
+from .models.registry import is_clip, is_flux_dev, tiny_vae_scaling, vae_scaling_factor, vae_shift_factor
 from .planner.fit import BASELINE_SLACK, Fit
 from .planner.menus import ParamMenus
 from .runtime.executor import Executor
@@ -206,6 +207,29 @@ class VAE(StreamedModel):
         return self._run(("enc", b, h, w), build, {"x": x})[0]
 
 
+class TinyVAE(StreamedModel):
+    """The decoder of diffusers' ``AutoencoderTiny`` (TAESD, TAESDXL, TAEF1): ``component="taesd"``."""
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """``AutoencoderTiny.decode(z).sample`` in [-1, 1]; ``z`` as a diffusers pipeline passes it
+        (``latents_from_model(x)`` does that scaling)."""
+        from .models.taesd import build_tiny_decoder
+
+        z = np.asarray(z, np.float32)
+        if z.ndim != 4:
+            raise StreamexecError(f"z must be [B, C, h, w], got shape {list(z.shape)}")
+        b, _, h, w = z.shape
+        build = lambda: build_tiny_decoder(self.config, self.weight_info, batch=b, height=h, width=w,  # noqa: E731
+                                           where=str(self.checkpoint.root))
+        return self._run(("dec", b, h, w), build, {"z": z})[0]
+
+    def latents_from_model(self, x: np.ndarray) -> np.ndarray:
+        """The denoiser's (unpacked) latents as diffusers pipelines hand them to ``decode``:
+        ``x / scaling_factor + shift_factor`` with this decoder's config (1.0 and 0 when it has none)."""
+        scale, shift = tiny_vae_scaling(self.config)
+        return np.asarray(x, np.float32) / np.float32(scale) + np.float32(shift)
+
+
 def _ids_2d(ids: np.ndarray, name: str) -> np.ndarray:
     """Position ids as [N, 3]; a 3-D [B, N, 3] is taken at batch 0, as diffusers does."""
     a = np.asarray(ids, np.float32)
@@ -287,6 +311,7 @@ class T5Encoder(StreamedModel):
 
 MODEL_CLASSES: dict[str, type[StreamedModel]] = {
     "unet": UNet, "text_encoder": CLIPText, "vae": VAE, "transformer": FluxTransformer, "text_encoder_2": T5Encoder,
+    "taesd": TinyVAE,
 }
 
 

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from --latents-out checkpoints")
     r.add_argument("--trace", help="write a per-op trace (JSON); its per-op peak windows reset the process's VmHWM, "
                    "so tools outside (time -v) then see less than the peak the summary line reports")
+    r.add_argument("--taesd", metavar="FILE", help="tiny VAE decoder (TAESD/TAESDXL/TAEF1 .safetensors or "
+                   "diffusers folder): decodes the final image instead of the VAE, and --preview")
+    r.add_argument("--preview", metavar="FILE.png", help="rewrite this PNG during denoising (needs --taesd)")
+    r.add_argument("--preview-every", type=int, default=1, metavar="N", help="preview every N denoiser calls (1)")
+    r.add_argument("--keep-preview", action="store_true", help="keep the preview when the run is interrupted")
     r.add_argument("--scratch-dir", help="where activations that do not fit are spilled (default: the temp folder)")
     r.add_argument(
         "--strict", action="store_true",

@@ -261,6 +261,16 @@ def _first(flag, planned):
     return flag if flag is not None else planned
 
 
+def _check_preview_flags(args: argparse.Namespace) -> None:
+    """--preview needs --taesd, a file name and --preview-every >= 1 (refused before anything runs)."""
+    if args.preview_every < 1:
+        raise StreamexecError(f"--preview-every {args.preview_every}: give a number of steps >= 1")
+    if args.preview and not args.taesd:
+        raise StreamexecError("--preview needs a tiny decoder: give --taesd FILE (e.g. taesd_decoder.safetensors)")
+    if args.preview and Path(args.preview).is_dir():
+        raise StreamexecError(f"--preview {args.preview} is a folder; give a .png file name")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
@@ -287,6 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise StreamexecError(f"{out} is a folder; give a .png file name with -o")
+    _check_preview_flags(args)
 
     def on_term(signum, frame):  # SIGTERM takes the same clean-up path as Ctrl-C
         raise KeyboardInterrupt
@@ -296,7 +307,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     pipe = open_pipeline(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir,
                          files=role_files(args), variant=getattr(args, "variant", None))
     model = pipe.root
+    previewed: list[int] = []  # denoiser calls a preview was written after
     try:
+        if args.taesd:
+            pipe.use_tiny_decoder(args.taesd)
         if not args.quiet:
             _log(f"{pipe.kind} pipeline from {model}, budget "
                  f"{format_size(budget) if isinstance(budget, int) else budget or 'none'}")
@@ -315,6 +329,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_step(i: int, latents: np.ndarray) -> None:
             if args.latents_out:  # a resumable checkpoint after every denoiser call
                 write_checkpoint(args.latents_out, i, latents, pipe.resume_state(), params_probe)
+            if args.preview and (i + 1) % args.preview_every == 0:
+                save_png(args.preview, pipe.preview(latents), {**params_probe, "preview_step": i + 1})
+                previewed.append(i)
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -342,6 +359,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             traces = {name: m.last_executor.trace_json() for name, m in pipe.models.items() if m.last_executor}
             save_text(args.trace, json.dumps({"parameters": result.parameters, "components": traces}, default=str))
             _log(f"wrote {args.trace}: per-op time, weight bytes, RSS after and peak RSS of each component's last call")
+    except BaseException:  # Ctrl-C or a failure: a half-made preview is not the picture, gone unless kept
+        if previewed and not args.keep_preview:  # (only a preview this run wrote)
+            Path(args.preview).unlink(missing_ok=True)
+        raise
     finally:
         signal.signal(signal.SIGTERM, old)
         pipe.close()

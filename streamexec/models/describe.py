@@ -51,6 +51,10 @@ def architecture(comp: Component) -> str:
     if n == "vae":
         latent = _dim(comp, "decoder.conv_in.weight", 1)
         return f"AutoencoderKL: {latent} latent channels"
+    if n == "taesd":
+        latent, width = _dim(comp, "decoder.layers.0.weight", 1), _dim(comp, "decoder.layers.0.weight", 0)
+        kind = {4: "TAESD / TAESDXL", 16: "TAEF1"}.get(latent or 0, "tiny decoder")
+        return f"AutoencoderTiny decoder ({kind}): {latent} latent channels, width {width}"
     if n == "text_encoder" or (n == "text_encoder_2" and is_clip(comp.tensors)):
         layers = _count(comp, r"text_model\.encoder\.layers\.(\d+)\.")
         width = _dim(comp, "text_model.embeddings.token_embedding.weight", 1)

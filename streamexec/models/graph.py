@@ -25,7 +25,8 @@ add                  a + b; b may broadcast: [B, C] over [B, C, H, W] (attrs bro
 gated_add            inputs a, b [B, N, D], gate [B, D] → a + gate * b (FLUX residual with AdaLN gate;
                      the product is rounded first, as diffusers)
 mul                  a * b elementwise (T5 gated FF when not fused)
-unary                x → f(x); attrs fn (silu|gelu|gelu_tanh|quick_gelu)
+unary                x → f(x); attrs fn (silu|gelu|gelu_tanh|quick_gelu|relu|soft_clamp:
+                     tanh(x / bound) · bound, attrs bound)
 concat               inputs concatenated on attrs axis
 slice                x[..., start:stop]; attrs axis, start, stop (a view: chunks of AdaLN projections,
                      the text / image rows of a joint stream)
@@ -36,7 +37,7 @@ timestep_embedding   t[B] → [B, dim], or t[B, T] → [B, T*dim] (each value's 
 embedding            ids[B, N] (int) → weight rows [B, N, D]
 add_position         x[B, N, D] + weight[:N] (learned positions, CLIP)
 pool_eos             x[B, N, D], ids[B, N] → [B, D]: the row at the EOS token (CLIP pooled output)
-scale                x * attrs.factor
+scale                x * attrs.factor (+ attrs.offset, if given)
 rope_freqs           txt_ids [Nt, A], img_ids [Ni, A] → [2, Nt+Ni, D/2]: cos and sin of the FLUX
                      RoPE over ids [txt; img]; attrs axes_dim (sum D), theta
 head_norm            x[B, N, H*D] → RMSNorm over each head's D features (weight [D]; attrs heads,

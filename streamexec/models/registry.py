@@ -88,6 +88,14 @@ def vae_shift_factor(vae_config: dict | None) -> float | None:
     return (vae_config or {}).get("shift_factor")
 
 
+def tiny_vae_scaling(config: dict | None) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a tiny decoder (AutoencoderTiny): diffusers pipelines decode
+    ``latents / scaling_factor + shift_factor``; the published TAESD/TAESDXL/TAEF1 configs say 1.0 and
+    0 (they take the denoiser's latents as they are), and so does a file without config."""
+    cfg = config or {}
+    return float(cfg.get("scaling_factor") or 1.0), float(cfg.get("shift_factor") or 0.0)
+
+
 def default_size(configs: dict[str, dict]) -> int:
     """The image side a pipeline was trained at: UNet ``sample_size`` (default 64) × VAE scale (512
     for SD 1.5); without a UNet, FLUX's 128 × VAE scale (1024)."""
@@ -132,6 +140,10 @@ def build_component(name: str, config: dict, weight_info: WeightInfo, shape: Run
             return build_vae_encoder(config, weight_info, batch=shape.batch, height=shape.height, width=shape.width,
                                      where=where)
         return build_vae_decoder(config, weight_info, batch=shape.batch, height=h, width=w, where=where)
+    if name == "taesd":
+        from .taesd import build_tiny_decoder
+
+        return build_tiny_decoder(config, weight_info, batch=shape.batch, height=h, width=w, where=where)
     if name == "transformer":
         from .flux import build_flux_transformer
 

@@ -128,6 +128,7 @@ class Pipeline:
         self._sched: Any = None
         self._bytes = 0
         self._graph_bytes: dict[int, int] = {}
+        self._scratch_dir = scratch_dir
 
     def default_steps(self) -> int:
         raise NotImplementedError
@@ -148,6 +149,45 @@ class Pipeline:
     def scheduler(self, req: Request, params: dict[str, Any]) -> Any:
         """A fresh sampler for this request (``params`` from :meth:`resolve`)."""
         raise NotImplementedError
+
+    def latent_channels(self) -> int:
+        """Channels of the latents the VAE decodes (4 for SD 1.5, 16 for FLUX)."""
+        raise NotImplementedError
+
+    def use_tiny_decoder(self, path: str | Path) -> None:
+        """Decode with the tiny VAE decoder (diffusers' AutoencoderTiny: TAESD, TAESDXL, TAEF1) in
+        ``path`` instead of the full VAE: the final image, and :meth:`preview` images."""
+        from ..api import load
+
+        tiny = load(path, component="taesd", memory_budget=self.memory_budget, scratch_dir=self._scratch_dir)
+        first = tiny.weight_info("decoder.layers.0.weight")
+        got, want = (first[0][1] if first else None), self.latent_channels()
+        if got != want:
+            tiny.close()
+            raise StreamexecError(f"{path}: a tiny decoder for {got} latent channels; this model's latents have "
+                                  f"{want} (TAESD/TAESDXL: 4, TAEF1: 16)")
+        self.models["taesd"] = tiny
+
+    @property
+    def decoder(self) -> str:
+        """The component that makes the final image: ``taesd`` if a tiny decoder is in use, else ``vae``."""
+        return "taesd" if "taesd" in self.models else "vae"
+
+    def spatial_latents(self, x: np.ndarray) -> np.ndarray:
+        """The denoiser's latents as [1, C, h, w] (FLUX unpacks its tokens)."""
+        return x
+
+    def tiny_decode(self, x: np.ndarray) -> np.ndarray:
+        """The tiny decoder's image of the denoiser's latents ``x``, in [-1, 1], scaled as diffusers
+        pipelines hand latents to an AutoencoderTiny."""
+        tiny = self.models["taesd"]
+        return self._call("taesd", tiny.latents_from_model(self.spatial_latents(x)), method="decode")
+
+    def preview(self, x: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] picture of latents ``x`` mid-run (needs :meth:`use_tiny_decoder`)."""
+        if "taesd" not in self.models:
+            raise StreamexecError("previews need a tiny decoder (use_tiny_decoder / --taesd)")
+        return to_uint8(self.tiny_decode(x))
 
     def describe(self, req: Request) -> dict[str, Any]:
         """``Result.parameters`` of this request, without running anything (checks the request)."""

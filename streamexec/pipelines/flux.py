@@ -107,6 +107,14 @@ class FluxPipeline(Pipeline):
         p["height"], p["width"] = resolve_size(req, self.native_size(), 2 * self.vae_scale_factor, "FLUX")
         return p
 
+    def latent_channels(self) -> int:
+        tr = self.models["transformer"]
+        info = tr.weight_info("x_embedder.weight")  # a single file has no config: its input width
+        return int(tr.config.get("in_channels") or (info[0][1] if info else 64)) // 4
+
+    def spatial_latents(self, x: np.ndarray) -> np.ndarray:
+        return unpack_latents(x, *self._latent_hw)
+
     def scheduler(self, req: Request, params: dict[str, Any]) -> Any:
         f = self.vae_scale_factor
         tokens = (params["height"] // (2 * f)) * (params["width"] // (2 * f))
@@ -119,9 +127,8 @@ class FluxPipeline(Pipeline):
         p = self.describe(req)
         f = self.vae_scale_factor
         h, w = p["height"] // f, p["width"] // f
-        tr = self.models["transformer"]
-        info = tr.weight_info("x_embedder.weight")  # a single file has no config: its input width
-        channels = int(tr.config.get("in_channels") or (info[0][1] if info else 64)) // 4
+        self._latent_hw = (h, w)
+        channels = self.latent_channels()
         packed = (1, (h // 2) * (w // 2), channels * 4)
         if req.latents_in is None:
             x = pack_latents(initial_noise(req.seed, (1, channels, h, w)))
@@ -157,9 +164,12 @@ class FluxPipeline(Pipeline):
                               start_state)
 
         vae = self.models["vae"]
-        with self._stage("vae", 1, seconds, progress, ("vae",)):
-            z = unpack_latents(x, h, w) / F32(vae.scaling_factor) + F32(vae.shift_factor or 0.0)
-            decoded = self._call("vae", z, method="decode")
+        with self._stage("vae", 1, seconds, progress, (self.decoder,)):
+            if self.decoder == "taesd":
+                decoded = self.tiny_decode(x)
+            else:
+                z = unpack_latents(x, h, w) / F32(vae.scaling_factor) + F32(vae.shift_factor or 0.0)
+                decoded = self._call("vae", z, method="decode")
             if progress is not None:
                 progress("vae", 1, 1)
         self._sched = None

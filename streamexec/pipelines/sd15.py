@@ -59,6 +59,9 @@ class SD15Pipeline(Pipeline):
     def default_steps(self) -> int:
         return DEFAULT_STEPS
 
+    def latent_channels(self) -> int:
+        return int(self.models["unet"].config.get("in_channels", 4))
+
     @property
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this: the VAE's factor times the UNet's downsampling (64 for SD
@@ -135,8 +138,11 @@ class SD15Pipeline(Pipeline):
             x = self._denoise(sched, x, first, unet, req.seed, progress, on_step, start_step, start_latents,
                               start_state)
 
-        with self._stage("vae", 1, seconds, progress, ("vae",)):
-            decoded = self._call("vae", x / F32(vae.scaling_factor), method="decode")
+        with self._stage("vae", 1, seconds, progress, (self.decoder,)):
+            if self.decoder == "taesd":
+                decoded = self.tiny_decode(x)
+            else:
+                decoded = self._call("vae", x / F32(vae.scaling_factor), method="decode")
             if progress is not None:
                 progress("vae", 1, 1)
         self._sched = None

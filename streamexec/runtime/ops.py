@@ -231,7 +231,14 @@ def op_add(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...
 
 
 def op_unary(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    return act.apply_activation(np.ascontiguousarray(args[0]), op.attrs["fn"])
+    fn = op.attrs["fn"]
+    if fn == "relu":  # the tiny VAE decoders' activation
+        return np.maximum(args[0], np.float32(0), dtype=np.float32)
+    if fn == "soft_clamp":  # tanh(x / bound) * bound: the tiny VAE decoders' input clamp
+        bound = np.float32(op.attrs["bound"])
+        y = np.tanh(np.divide(args[0], bound, dtype=np.float32))
+        return np.multiply(y, bound, out=y)
+    return act.apply_activation(np.ascontiguousarray(args[0]), fn)
 
 
 def op_concat(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
@@ -300,7 +307,10 @@ def op_pool_eos(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int
 
 
 def op_scale(ctx: OpContext, op: Op, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    return np.multiply(args[0], np.float32(op.attrs["factor"]), dtype=np.float32)
+    y = np.multiply(args[0], np.float32(op.attrs["factor"]), dtype=np.float32)
+    if op.attrs.get("offset"):
+        y += np.float32(op.attrs["offset"])
+    return y
 
 
 OPS: dict[str, OpFn] = {

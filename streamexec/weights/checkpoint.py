@@ -28,6 +28,7 @@ CLASS_TO_COMPONENT = {
     "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder_2",  # SDXL's OpenCLIP bigG
     "T5EncoderModel": "text_encoder_2",
+    "AutoencoderTiny": "taesd",
 }
 
 _MAX_JSON_BYTES = 16 * 1024 * 1024

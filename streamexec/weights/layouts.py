@@ -3,9 +3,10 @@
 Inside streamexec every tensor is named as diffusers/transformers name it in its component:
 ``unet`` (UNet2DConditionModel), ``vae`` (AutoencoderKL), ``transformer``
 (FluxTransformer2DModel), ``text_encoder`` (CLIP text model, ``text_model.*`` names as the
-published checkpoints have them) and ``text_encoder_2`` (T5 encoder; SDXL: OpenCLIP bigG with CLIP
-names). The files people actually have use other names (SD 1.5 LDM/CompVis and SDXL SGM single
-files, BFL FLUX files, ComfyUI text encoders);
+published checkpoints have them), ``text_encoder_2`` (T5 encoder; SDXL: OpenCLIP bigG with CLIP
+names) and ``taesd`` (the decoder of an AutoencoderTiny: TAESD, TAESDXL, TAEF1). The files people
+actually have use other names (SD 1.5 LDM/CompVis and SDXL SGM single files, BFL FLUX files,
+ComfyUI text encoders);
 this module recognises them from key names and shapes alone and says, for every internal name,
 which stored bytes hold it (:class:`~streamexec.weights.refs.MappedTensor`).
 
@@ -31,7 +32,7 @@ from .scaled import attach_scales, split_scales
 #: The component names (the diffusers pipeline folder names), in pipeline order: the ones a layout
 #: can produce, a pipeline folder is searched for, and a run can execute (``models.registry`` and
 #: everything above use this tuple).
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae", "taesd")
 
 
 @dataclass
@@ -587,6 +588,41 @@ def _identity(component: str) -> Converter:
 
 
 # --------------------------------------------------------------------------------------------
+# Tiny VAE decoders (AutoencoderTiny): diffusers ``decoder.layers.N.*`` or madebyollin's original
+# ``taesd_decoder.safetensors`` (``N.*``: the same nn.Sequential with the Clamp module at index 0,
+# so original N is diffusers N - 1). The encoder half of a diffusers file is not used.
+
+_TAESD_ORIG_RE = re.compile(r"(\d+)\.(.+)")
+
+
+def _convert_taesd_diffusers(section: Section, out: _Out) -> None:
+    """diffusers AutoencoderTiny: the decoder's names as they are, the encoder ignored."""
+    for key, st in section.items():
+        if key.startswith("decoder.layers."):
+            out.same(key, st)
+        elif key.startswith("encoder.layers."):
+            out.ignored.append(st.key)
+        else:
+            out.unknown.append(st.key)
+
+
+def _convert_taesd_original(section: Section, out: _Out) -> None:
+    """madebyollin's ``taesd_decoder.safetensors``: ``N.rest`` → ``decoder.layers.{N-1}.rest``
+    (index 0 is the weightless Clamp; a ``0.weight`` is an encoder's first conv: not a decoder)."""
+    for key, st in section.items():
+        m = _TAESD_ORIG_RE.fullmatch(key)
+        if m is None or int(m[1]) == 0:
+            out.unknown.append(st.key)
+        else:
+            out.same(f"decoder.layers.{int(m[1]) - 1}.{m[2]}", st)
+
+
+def _is_taesd_original(keys: list[str]) -> bool:
+    """Bare numbered keys only, the first conv at index 1 (after the Clamp): a TAESD decoder file."""
+    return "1.weight" in keys and all(_TAESD_ORIG_RE.fullmatch(k) for k in keys)
+
+
+# --------------------------------------------------------------------------------------------
 # Detection
 
 #: (kind, component, converter)
@@ -600,6 +636,8 @@ _KINDS: dict[str, tuple[str, Converter]] = {
     "diffusers-unet": ("unet", _identity("unet")),
     "diffusers-vae": ("vae", _identity("vae")),
     "diffusers-transformer": ("transformer", _identity("transformer")),
+    "diffusers-taesd": ("taesd", _convert_taesd_diffusers),
+    "taesd": ("taesd", _convert_taesd_original),
 }
 
 #: Wrapper prefixes of multi-model single files -> what is inside ("diffusion" = decided by
@@ -632,6 +670,7 @@ _BARE_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ldm-unet", ("input_blocks.", "output_blocks.", "middle_block.")),
     ("ldm-vae", ("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid.")),
     ("t5", ("encoder.block.",)),
+    ("diffusers-taesd", ("decoder.layers.",)),  # before CLIP: its encoder half has encoder.layers.*
     (
         "clip",
         (
@@ -715,7 +754,7 @@ def detect_layout(tensors: dict[str, StoredTensor], path: str) -> LayoutResult:
                     continue
                 sections[prefix] = (found, section)
     else:
-        kind = _kind_of(keys, _BARE_MARKERS)
+        kind = _kind_of(keys, _BARE_MARKERS) or ("taesd" if _is_taesd_original(keys) else None)
         if kind is None:
             raise _unknown_layout(keys, keys, path, "unknown checkpoint layout")
         sections[""] = (kind, bare)
@@ -766,6 +805,8 @@ def _layout_name(kinds: list[str], wrapped: bool, has_quant: bool) -> str:
         return "comfy-clip-l"
     if kind == "t5":
         return "comfy-t5"
+    if kind == "taesd":
+        return "taesd"
     return "diffusers"
 
 
