@@ -46,6 +46,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from streamexec.kernels.decode import DECODE_TAGS, _e4m3_bits_ir, _f16_bits_ir, _to_i32, readonly_flat
+from streamexec.kernels.lora import LoraWeight
 from streamexec.kernels.qtypes import QTYPES
 
 __all__ = ["PackedWeight", "BLOCK_TAGS", "check_weight", "dequantize_rows"]
@@ -516,7 +517,12 @@ class PackedWeight:
 
 def check_weight(w: np.ndarray | PackedWeight, w_dtype: str) -> None:
     """The kernels' one weight check: a C-contiguous 2-D array in a ``DECODE_TAGS`` storage
-    dtype, or a ``PackedWeight`` of that tag (raises TypeError/ValueError naming the problem)."""
+    dtype, or a ``PackedWeight`` of that tag, either possibly wrapped in a ``kernels.lora.LoraWeight``
+    (raises TypeError/ValueError naming the problem)."""
+    if isinstance(w, LoraWeight):
+        if w.tag != w_dtype:
+            raise TypeError(f"LoRA-wrapped weight is {w.tag}, but {w_dtype} was asked for")
+        w = w.base
     if isinstance(w, PackedWeight):
         if w.tag != w_dtype:
             raise TypeError(f"weight is packed as {w.tag}, but {w_dtype} was asked for")
