@@ -54,6 +54,24 @@ class WeightStore:
         self._pending = 0
         self._idle = threading.Condition(self._lock)
         self.bytes_prefetched = 0
+        #: LoRA factors by key (``set_lora``): ``get`` hands those weights out wrapped in a
+        #: ``kernels.lora.LoraWeight``, merged panel by panel by the kernels
+        self.lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def set_lora(self, factors: dict[str, list[tuple[np.ndarray, np.ndarray, float]]]) -> None:
+        """Attach LoRA factors ``{key: [(up [N, r], down [r, K], scale), ...]}`` (replaces any
+        earlier set); they are stacked once: up columns pre-scaled, ranks summed."""
+        from ..kernels.lora import LoraWeight  # numba: only when a LoRA is used
+
+        self.lora = {}
+        for key, fs in factors.items():
+            lw = LoraWeight.of(np.lib.stride_tricks.as_strided(np.empty(0, np.uint8), self.shape(key), (0, 0)),
+                               self.dtype(key), fs)  # only the shape is needed here
+            self.lora[key] = (lw.up, lw.down)
+
+    def lora_bytes(self) -> int:
+        """RAM of the attached LoRA factors."""
+        return sum(int(u.nbytes + d.nbytes) for u, d in self.lora.values())
 
     # -- metadata (no data touched) --------------------------------------------------------
     def keys(self) -> list[str]:
@@ -109,6 +127,11 @@ class WeightStore:
             arr = np.concatenate([self._part_view(p) for p in m.parts], axis=0).reshape(m.shape)
         with self._lock:
             self._live.setdefault(key, m.nbytes)
+        f = self.lora.get(key)
+        if f is not None:
+            from ..kernels.lora import LoraWeight
+
+            return Tensor(LoraWeight(arr, m.dtype, f[0], f[1]), m.dtype)
         return Tensor(arr, m.dtype)
 
     def get_f32(self, key: str) -> np.ndarray:

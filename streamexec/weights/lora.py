@@ -1,0 +1,155 @@
+"""LoRA files: detect the key format, read the factors, and match them to a component's weights.
+
+Formats (detected by keys):
+- kohya / AUTOMATIC1111: ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight``
+  / ``.alpha`` (``lora_te_…`` for the text encoder); the module name is the diffusers/transformers
+  one with dots turned into underscores, resolved against the component's own keys.
+- diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``.lora.down/up``,
+  ``text_encoder.…``); scale alpha/rank with ``.alpha`` when present, else 1 (diffusers' default).
+LyCORIS LoHa/LoKr and conv (LoCon) factors are refused with a message naming what is supported.
+
+The factors are small: they are decoded to f32 and kept in RAM; the merge happens panel by panel
+in the kernels (``kernels.lora.LoraWeight``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StreamexecError
+from .safetensors_file import SafetensorsFile
+
+__all__ = ["LoraError", "LoraFile", "read_lora", "parse_lora_arg", "lora_factors", "SUPPORTED"]
+
+SUPPORTED = "kohya/AUTOMATIC1111 (lora_unet_…/lora_te_… .lora_down/.lora_up/.alpha) and diffusers/PEFT " \
+            "(unet.…/text_encoder.… .lora_A/.lora_B)"
+
+# component -> key prefixes in each format
+_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+_PEFT_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder."}
+_LYCORIS = re.compile(r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2)$")
+_KOHYA = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_PEFT = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|alpha)$")
+_PART = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
+         "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up", "alpha": "alpha"}
+
+
+class LoraError(StreamexecError):
+    """A LoRA file or argument that cannot be applied."""
+
+
+@dataclass
+class LoraFile:
+    """One LoRA file: ``modules[component][name] = {"up", "down", "alpha"?}`` (f32 arrays); ``name``
+    is dotted (PEFT) or underscored (kohya, ``kohya`` True) and has no component prefix."""
+
+    path: str
+    kohya: bool
+    modules: dict[str, dict[str, dict[str, np.ndarray]]]
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` -> (file, weight); the weight defaults to 1."""
+    path, sep, w = arg.rpartition(":")
+    if not sep or not path or "/" in w or "\\" in w:
+        return arg, 1.0
+    try:
+        weight = float(w)
+    except ValueError:
+        raise LoraError(f"--lora {arg}: weight {w!r} is not a number (use FILE[:WEIGHT], e.g. style.safetensors:0.8)") \
+            from None
+    if not np.isfinite(weight):
+        raise LoraError(f"--lora {arg}: weight must be finite")
+    return path, weight
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read and classify a LoRA safetensors file (raises LoraError for unsupported formats)."""
+    from ..kernels.decode import decode_to_f32
+
+    f = SafetensorsFile(path)
+    keys = f.keys()
+    lyco = [k for k in keys if _LYCORIS.search(k)]
+    if lyco:
+        raise LoraError(f"{path}: LyCORIS LoHa/LoKr LoRA (e.g. {lyco[0]}) is not supported; supported: {SUPPORTED}")
+    kohya = any(k.startswith(tuple(_KOHYA_PREFIX.values())) for k in keys)
+    pattern, prefixes = (_KOHYA, _KOHYA_PREFIX) if kohya else (_PEFT, _PEFT_PREFIX)
+    modules: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for key in keys:
+        m = pattern.match(key)
+        comp = next((c for c, p in prefixes.items() if key.startswith(p)), None)
+        if m is None or comp is None:
+            continue
+        name = m["mod"][len(prefixes[comp]):]
+        info = f.info(key)
+        dtype = info.dtype if isinstance(info.dtype, str) else info.dtype.tag
+        arr = np.array(decode_to_f32(f.view(key), dtype), dtype=np.float32)
+        modules.setdefault(comp, {}).setdefault(name, {})[_PART[m["part"]]] = arr
+    if not modules:
+        raise LoraError(f"{path}: not a LoRA this version reads ({len(keys)} tensors, e.g. "
+                        f"{keys[0] if keys else 'none'}); supported: {SUPPORTED}")
+    for comp, mods in modules.items():
+        for name, parts in mods.items():
+            if "up" not in parts or "down" not in parts:
+                raise LoraError(f"{path}: {comp} module {name} has no {'up' if 'up' not in parts else 'down'} factor")
+            up, down = parts["up"], parts["down"]
+            if up.ndim != 2 or down.ndim != 2:
+                if up.ndim == 4 and down.ndim == 4 and up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
+                    parts["up"], parts["down"] = up[:, :, 0, 0].copy(), down[:, :, 0, 0].copy()
+                else:
+                    raise LoraError(f"{path}: {comp} module {name} is a conv LoRA (LoCon, factors {down.shape} / "
+                                    f"{up.shape}): not supported yet; supported: linear layers in {SUPPORTED}")
+            if parts["up"].shape[1] != parts["down"].shape[0]:
+                raise LoraError(f"{path}: {comp} module {name}: rank of up {parts['up'].shape} and down "
+                                f"{parts['down'].shape} differ")
+            a = parts.get("alpha")
+            if a is not None and (a.size != 1 or not np.isfinite(a).all()):
+                raise LoraError(f"{path}: {comp} module {name}: alpha must be one finite number, got shape {a.shape}")
+    return LoraFile(str(path), kohya, modules)
+
+
+def lora_factors(loras: list[tuple[LoraFile, float]], component: str,
+                 shapes: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[np.ndarray, np.ndarray, float]]]:
+    """For the weights of ``component`` (``shapes``: internal key -> shape), the factors each LoRA
+    adds: ``{key: [(up [N, r], down [r, K], weight * alpha / r), ...]}``.
+
+    Raises LoraError when a LoRA's modules for this component match none of its weights (how
+    many matched, an example key) or a factor's shape does not fit (the first mismatch)."""
+    out: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
+    by_kohya = {k[: -len(".weight")].replace(".", "_"): k for k in shapes if k.endswith(".weight")}
+    for lf, weight in loras:
+        mods = lf.modules.get(component, {})
+        if not mods:
+            continue
+        matched = 0
+        unknown = []
+        for name, parts in mods.items():
+            key = by_kohya.get(name) if lf.kohya else (name + ".weight" if name + ".weight" in shapes else None)
+            if key is None:
+                unknown.append(name)
+                continue
+            up, down = parts["up"], parts["down"]
+            shape = shapes[key]
+            if (up.shape[0], down.shape[1]) != tuple(shape[:2]):
+                raise LoraError(f"{lf.path}: {component} module {name}: LoRA gives {(up.shape[0], down.shape[1])}, "
+                                f"the model's {key} is {tuple(shape)} (a LoRA for another model?)")
+            if len(shape) != 2:
+                raise LoraError(f"{lf.path}: {component} module {name} targets the conv weight {key} {tuple(shape)}: "
+                                f"conv LoRAs are not supported yet")
+            rank = down.shape[0]
+            alpha = float(parts["alpha"].reshape(-1)[0]) if "alpha" in parts else float(rank)
+            out.setdefault(key, []).append((up, down, weight * alpha / rank))
+            matched += 1
+        if matched == 0:
+            raise LoraError(f"{lf.path}: none of its {len(mods)} {component} modules match the model "
+                            f"(0 matched; e.g. {unknown[0]}, model keys like {next(iter(shapes), 'none')})")
+        if unknown:
+            import warnings
+
+            warnings.warn(f"{lf.path}: {len(unknown)} of {len(mods)} {component} modules match nothing in the model "
+                          f"(e.g. {unknown[0]}); they are ignored", stacklevel=2)
+    return out
