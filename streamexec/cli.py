@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--karras", action="store_true", help="Karras sigmas")
     r.add_argument("--height", type=int, default=None)
     r.add_argument("--width", type=int, default=None)
+    r.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) with WEIGHT (default 1); "
+                   "repeatable; merged on the fly, the base weights are never copied")
     r.add_argument("--init-image", help="img2img: starting image")
     r.add_argument("--strength", type=float, default=0.75, help="img2img strength")
     r.add_argument("--tokenizer", help="tokenizer folder for single-file checkpoints")

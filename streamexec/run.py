@@ -250,6 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
     from .pipelines.progress import Progress
+    from .weights.lora import parse_lora_arg
 
     t0 = time.perf_counter()
     model, run, mem, plan = resolve(args)
@@ -277,8 +278,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, on_term)
     progress = Progress(budget if isinstance(budget, int) else None, quiet=args.quiet)
+    loras = [parse_lora_arg(a) for a in getattr(args, "lora", None) or []]
     pipe = open_pipeline(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir)
     try:
+        if loras:
+            pipe.set_loras(loras)
         if not args.quiet:
             _log(f"{pipe.kind} pipeline from {model}, budget "
                  f"{format_size(budget) if isinstance(budget, int) else budget or 'none'}")

@@ -126,6 +126,21 @@ class Pipeline:
         self._bytes = 0
         self._graph_bytes: dict[int, int] = {}
 
+    def set_loras(self, loras: list[tuple[str | Path, float]]) -> None:
+        """Apply LoRA files ``[(path, weight), ...]`` to the components they have modules for
+        (UNet, text encoder); each file is read once. Raises LoraError when a file has nothing
+        for this pipeline, matches nothing, or does not fit."""
+        from ..weights.lora import LoraError, lora_factors, read_lora
+
+        files = [(read_lora(p), float(w)) for p, w in loras]
+        for lf, _ in files:
+            if not any(c in self.models for c in lf.modules):
+                raise LoraError(f"{lf.path}: a LoRA for {', '.join(lf.modules)}, which this {self.kind} pipeline "
+                                f"does not have ({', '.join(self.models)})")
+        for name, m in self.models.items():
+            shapes = {k: t.shape for k, t in m.store.tensors.items()}
+            m.store.set_lora(lora_factors(files, name, shapes))
+
     def default_steps(self) -> int:
         raise NotImplementedError
 

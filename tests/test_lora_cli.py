@@ -1,0 +1,72 @@
+"""``streamexec run --lora FILE[:WEIGHT]`` on the demo model (issue #18): a LoRA changes the image,
+weight 0 gives the same bytes as no LoRA, bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def streamexec(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamexec", *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def demo_lora(tmp_path_factory) -> Path:
+    """A kohya LoRA on the demo UNet's attention q/k and the text encoder's q_proj (rank 2)."""
+    from safetensors.numpy import save_file
+
+    from streamexec.pipelines.demo import ensure_demo_model
+    from streamexec.weights.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(ensure_demo_model())
+    g = np.random.default_rng(0)
+    tensors = {}
+    for comp, prefix, names in [("unet", "lora_unet_", ("to_q.weight", "to_k.weight")),
+                                ("text_encoder", "lora_te_", ("q_proj.weight",))]:
+        store = ckpt.store(comp)
+        for key in store.keys():
+            if key.endswith(names):
+                n, k = store.shape(key)
+                base = prefix + key[: -len(".weight")].replace(".", "_")
+                tensors[base + ".lora_down.weight"] = g.standard_normal((2, k)).astype(np.float16)
+                tensors[base + ".lora_up.weight"] = g.standard_normal((n, 2)).astype(np.float16)
+                tensors[base + ".alpha"] = np.array(2.0, np.float32)
+    path = tmp_path_factory.mktemp("lora") / "demo_lora.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def _run(env: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return streamexec("run", "plans/demo.yaml", "--prompt", "a lighthouse", "--seed", "5", "--steps", "2", "--quiet",
+                      "-o", str(out), *extra, env=env)
+
+
+def test_lora_changes_the_image_and_weight_zero_does_not(env: dict, tmp_path: Path, demo_lora: Path) -> None:
+    plain, zero, lora = tmp_path / "plain.png", tmp_path / "zero.png", tmp_path / "lora.png"
+    for out, extra in [(plain, ()), (zero, ("--lora", f"{demo_lora}:0")), (lora, ("--lora", f"{demo_lora}:0.8"))]:
+        res = _run(env, out, *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert zero.read_bytes() == plain.read_bytes()
+    assert lora.read_bytes() != plain.read_bytes()
+
+
+def test_bad_lora_input_is_one_line_exit_2(env: dict, tmp_path: Path, demo_lora: Path) -> None:
+    from safetensors.numpy import save_file
+
+    nowhere = tmp_path / "nowhere.safetensors"
+    save_file({"lora_unet_nowhere_to_q.lora_down.weight": np.zeros((2, 8), np.float32),
+               "lora_unet_nowhere_to_q.lora_up.weight": np.zeros((8, 2), np.float32)}, str(nowhere))
+    out = tmp_path / "x.png"
+    for lora, msg in [(f"{demo_lora}:strong", "is not a number"), (str(nowhere), "0 matched; e.g. nowhere_to_q")]:
+        res = _run(env, out, "--lora", lora)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not out.exists()
