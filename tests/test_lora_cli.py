@@ -70,3 +70,25 @@ def test_bad_lora_input_is_one_line_exit_2(env: dict, tmp_path: Path, demo_lora:
         assert res.returncode == 2, res.stderr[-2000:]
         assert msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert not out.exists()
+
+
+def test_planner_counts_the_lora_factors_and_scratch(demo_lora: Path) -> None:
+    """The fit of a LoRA'd UNet charges the factors (4 bytes x rank x (N + K) per weight, counted
+    here from the file's shapes) on top of the same fit without the LoRA."""
+    from safetensors.numpy import load_file
+
+    import streamexec
+    from streamexec.models.unet import build_unet
+    from streamexec.pipelines.demo import ensure_demo_model
+
+    factors = load_file(str(demo_lora))
+    want = sum(4 * a.shape[0] * a.shape[1] for k, a in factors.items()
+               if k.startswith("lora_unet_") and not k.endswith(".alpha"))
+    fits = []
+    for loras in ([], [(demo_lora, 0.5)]):
+        m = streamexec.load(ensure_demo_model(), component="unet", loras=loras, baseline=0)
+        graph = build_unet(m.config, m.weight_info, batch=1, height=8, width=8, seq_len=7, where="demo")
+        fits.append(m.fit(graph))
+    assert fits[1].baseline == fits[0].baseline
+    assert fits[1].memory[0].baseline - fits[0].memory[0].baseline == want
+    assert fits[1].peak >= fits[0].peak + want

@@ -82,16 +82,26 @@ def weight_table(store) -> WeightTable:
     from .memory import WeightMeta
 
     out = {}
+    lora = getattr(store, "lora", {})
     for k, m in store.tensors.items():
-        out[k] = WeightMeta(tuple(m.shape), m.dtype, m.nbytes * (1 if m.is_view else 2))
+        rank = int(lora[k][1].shape[0]) if k in lora else 0
+        out[k] = WeightMeta(tuple(m.shape), m.dtype, m.nbytes * (1 if m.is_view else 2), rank)
     return out
+
+
+def lora_bytes(w: WeightTable) -> int:
+    """RAM of the LoRA factors the weights carry (f32, resident for the whole run)."""
+    from ..kernels.lora import lora_factor_bytes
+
+    return sum(lora_factor_bytes(m.shape[0], m.shape[1], m.lora_rank) for m in w.values() if m.lora_rank)
 
 
 class _Walk:
     """One forward pass over the ops, deciding units, prefetch, spills and kernel parameters."""
 
     def __init__(self, graph: Graph, w: WeightTable, budget: int | None, base: int, minimal: bool) -> None:
-        self.g, self.w, self.budget, self.base, self.minimal = graph, w, budget, base, minimal
+        self.g, self.w, self.budget, self.minimal = graph, w, budget, minimal
+        self.base = base + lora_bytes(w)  # LoRA factors stay in RAM next to the process
         self.uses: dict[str, list[int]] = {}
         for i, op in enumerate(graph.ops):
             for t in dict.fromkeys(op.inputs):
