@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD 1.5 guidance scale recorded in the plan; <= 1 plans without classifier-free guidance "
                    "(batch x1, as --no-cfg)")
     _add_sampler_flags(p)
+    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="plan with a LoRA (repeatable; counted in memory, recorded for run)")
     p.add_argument("--vae-mode", choices=["decode", "encode"], default="decode", help="VAE direction to plan")
     p.add_argument("--steps", type=int, default=None, help="denoising steps recorded in the plan")
     p.add_argument(
@@ -158,9 +160,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
+    from pathlib import Path
+
     from .models.registry import COMPONENTS, RunShape, default_size, is_flux
     from .planner.plan import plan_components, save_plan
     from .runtime.process import measure_baseline
+    from .weights.lora import parse_lora_arg
 
     names = args.component or [n for n in COMPONENTS if n in ckpt.components]
     if not names:
@@ -173,8 +178,11 @@ def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
     shape = RunShape(args.height or side, args.width or side, max(1, args.batch), cfg=not (flux or no_cfg))
     dtypes = {t.dtype for c in ckpt.components.values() for t in c.tensors.values()}
     baseline = measure_baseline(dtypes)
+    loras = [parse_lora_arg(a) for a in args.lora or []]
     plan = plan_components(ckpt, names, shape, budget, baseline, steps=args.steps, vae_mode=args.vae_mode,
-                           variant=args.variant)
+                           variant=args.variant, loras=loras)
+    if loras:
+        settings["lora"] = [f"{Path(p).resolve()}:{w}" for p, w in loras]
     plan.settings = settings  # what `run` uses unless its own flags say otherwise
     save_plan(plan, args.output)
     for name, cp in plan.components.items():

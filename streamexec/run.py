@@ -278,7 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, on_term)
     progress = Progress(budget if isinstance(budget, int) else None, quiet=args.quiet)
-    loras = [parse_lora_arg(a) for a in getattr(args, "lora", None) or []]
+    loras = [parse_lora_arg(a) for a in getattr(args, "lora", None) or run.get("lora") or []]
     pipe = open_pipeline(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir)
     try:
         if loras:

@@ -92,3 +92,29 @@ def test_planner_counts_the_lora_factors_and_scratch(demo_lora: Path) -> None:
     assert fits[1].baseline == fits[0].baseline
     assert fits[1].memory[0].baseline - fits[0].memory[0].baseline == want
     assert fits[1].peak >= fits[0].peak + want
+
+
+def test_plan_with_lora_records_it_and_run_applies_it(env: dict, tmp_path: Path, demo_lora: Path) -> None:
+    import yaml
+
+    from streamexec.pipelines.demo import ensure_demo_model
+
+    model = ensure_demo_model()
+    plans = {}
+    for name, extra in [("plain", ()), ("lora", ("--lora", f"{demo_lora}:0.8"))]:
+        plans[name] = tmp_path / f"{name}.yaml"
+        res = streamexec("plan", str(model), "--height", "64", "--width", "64", "--steps", "2", "-o",
+                         str(plans[name]), *extra, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    d = {k: yaml.safe_load(p.read_text()) for k, p in plans.items()}
+    assert d["lora"]["run"]["lora"] == [f"{demo_lora.resolve()}:0.8"]
+    # above each plan's own (measured, noisy) baseline: the LoRA's factors and scratch are charged
+    assert (d["lora"]["memory"]["peak_bytes"] - d["lora"]["memory"]["baseline_bytes"]
+            > d["plain"]["memory"]["peak_bytes"] - d["plain"]["memory"]["baseline_bytes"])
+    outs = {}
+    for name, extra in [("plan", ()), ("flag", ("--lora", f"{demo_lora}:0.8"))]:
+        outs[name] = tmp_path / f"{name}.png"
+        res = streamexec("run", str(plans["lora" if name == "plan" else "plain"]), "--prompt", "a cat", "--seed", "2",
+                         "--quiet", "-o", str(outs[name]), *extra, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert outs["plan"].read_bytes() == outs["flag"].read_bytes()

@@ -130,13 +130,9 @@ class Pipeline:
         """Apply LoRA files ``[(path, weight), ...]`` to the components they have modules for
         (UNet, text encoder); each file is read once. Raises LoraError when a file has nothing
         for this pipeline, matches nothing, or does not fit."""
-        from ..weights.lora import LoraError, lora_factors, read_lora
+        from ..weights.lora import lora_factors, read_loras
 
-        files = [(read_lora(p), float(w)) for p, w in loras]
-        for lf, _ in files:
-            if not any(c in self.models for c in lf.modules):
-                raise LoraError(f"{lf.path}: a LoRA for {', '.join(lf.modules)}, which this {self.kind} pipeline "
-                                f"does not have ({', '.join(self.models)})")
+        files = read_loras(loras, list(self.models), f"{self.kind} pipeline")
         for name, m in self.models.items():
             shapes = {k: t.shape for k, t in m.store.tensors.items()}
             m.store.set_lora(lora_factors(files, name, shapes))

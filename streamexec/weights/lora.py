@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import StreamexecError
 from .safetensors_file import SafetensorsFile
 
-__all__ = ["LoraError", "LoraFile", "read_lora", "parse_lora_arg", "lora_factors", "SUPPORTED"]
+__all__ = ["LoraError", "LoraFile", "read_loras", "read_lora", "parse_lora_arg", "lora_factors", "SUPPORTED"]
 
 SUPPORTED = "kohya/AUTOMATIC1111 (lora_unet_…/lora_te_… .lora_down/.lora_up/.alpha) and diffusers/PEFT " \
             "(unet.…/text_encoder.… .lora_A/.lora_B)"
@@ -110,6 +110,17 @@ def read_lora(path: str | Path) -> LoraFile:
             if a is not None and (a.size != 1 or not np.isfinite(a).all()):
                 raise LoraError(f"{path}: {comp} module {name}: alpha must be one finite number, got shape {a.shape}")
     return LoraFile(str(path), kohya, modules)
+
+
+def read_loras(loras: list[tuple[str | Path, float]], components: list[str] | tuple[str, ...],
+               what: str = "model") -> list[tuple[LoraFile, float]]:
+    """Read ``[(path, weight), ...]`` once each, refusing a file with nothing for ``components``."""
+    files = [(read_lora(p), float(w)) for p, w in loras]
+    for lf, _ in files:
+        if not any(c in components for c in lf.modules):
+            raise LoraError(f"{lf.path}: a LoRA for {', '.join(lf.modules)}, which this {what} does not have "
+                            f"({', '.join(components)})")
+    return files
 
 
 def lora_factors(loras: list[tuple[LoraFile, float]], component: str,
