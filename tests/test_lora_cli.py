@@ -118,3 +118,18 @@ def test_plan_with_lora_records_it_and_run_applies_it(env: dict, tmp_path: Path,
                          "--quiet", "-o", str(outs[name]), *extra, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
     assert outs["plan"].read_bytes() == outs["flag"].read_bytes()
+
+
+def test_lcm_lora_template(env: dict, tmp_path: Path, demo_lora: Path) -> None:
+    """plans/sd15-lcm-lora.yaml: 4 lcm steps at guidance 1, with --model and --lora."""
+    from PIL import Image
+
+    from streamexec.pipelines.demo import ensure_demo_model
+
+    out = tmp_path / "lcm.png"
+    res = streamexec("run", "plans/sd15-lcm-lora.yaml", "--model", str(ensure_demo_model()), "--lora", str(demo_lora),
+                     "--height", "64", "--width", "64", "--prompt", "a cat", "--quiet", "-o", str(out), env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with Image.open(out) as im:
+        params = im.text["parameters"]
+    assert "Steps: 4" in params and "lcm" in params.lower() and "CFG scale: 1" in params, params
