@@ -150,3 +150,62 @@ def test_lora_arg() -> None:
     with pytest.raises(StreamexecError, match="weight 'x' is not a number"):
         parse_lora_arg("b.safetensors:x")
     assert np.isfinite(parse_lora_arg("c:1e-3")[1])
+
+
+def test_text_encoder_lora(tmp_path: Path) -> None:
+    """A PEFT LoRA on CLIP's attention and MLP, saved in diffusers keys (``text_encoder.…``) and in
+    kohya keys (``lora_te_…``), at weight 0.6: hidden states and pooled output as PEFT's."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=2)
+    model = CLIPTextModel(cfg).eval()
+    randomize(model, 2)
+    model.save_pretrained(tmp_path / "te")
+    model.add_adapter(LoraConfig(r=3, lora_alpha=6, init_lora_weights=False,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[1] ** 0.5)
+    sd = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "peft", text_encoder_lora_layers=sd,
+                                              weight_name="lora.safetensors")
+    from safetensors.torch import load_file
+
+    peft_file = tmp_path / "peft" / "lora.safetensors"
+    saved = load_file(peft_file)
+    assert all(k.startswith("text_encoder.") for k in saved)
+    for k in [k for k in saved if k.endswith(".lora_A.weight")]:
+        saved[k[: -len(".lora_A.weight")] + ".alpha"] = torch.tensor(6.0)
+    save_file(saved, peft_file)
+    kohya = {}
+    for k, v in sd.items():
+        mod, part = k.rsplit(".lora_", 1)
+        base = "lora_te_" + mod.replace(".", "_")
+        kohya[base + (".lora_down.weight" if part == "A.weight" else ".lora_up.weight")] = v
+        kohya[base + ".alpha"] = torch.tensor(6.0)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+
+    ids = torch.tensor([[0, 5, 17, 98, 3, 3], [0, 40, 98, 3, 3, 3]])
+    model.set_adapter("default")
+    from peft.tuners.lora import LoraLayer
+
+    for mod in model.modules():  # weight 0.6, as set_adapters([...], [0.6]) does
+        if isinstance(mod, LoraLayer):
+            mod.scaling["default"] *= 0.6
+    with torch.no_grad():
+        ref = model(ids)
+        model.disable_adapters()
+        base = model(ids)
+    assert rel_err(base.last_hidden_state, ref.last_hidden_state) > 100 * TOL  # the LoRA matters
+    for path in (peft_file, tmp_path / "kohya.safetensors"):
+        m = streamexec.load(tmp_path / "te", component="text_encoder", loras=[(path, 0.6)])
+        h, pooled = m(input_ids=ids.numpy())
+        assert rel_err(h, ref.last_hidden_state) <= TOL
+        assert rel_err(pooled, ref.pooler_output) <= TOL

@@ -131,7 +131,15 @@ def lora_factors(loras: list[tuple[LoraFile, float]], component: str,
     Raises LoraError when a LoRA's modules for this component match none of its weights (how
     many matched, an example key) or a factor's shape does not fit (the first mismatch)."""
     out: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
-    by_kohya = {k[: -len(".weight")].replace(".", "_"): k for k in shapes if k.endswith(".weight")}
+    # module name -> weight key; CLIP's modules also without transformers' "text_model." (as
+    # get_peft_model_state_dict names them on a CLIPTextModel)
+    by_name = {}
+    for k in shapes:
+        if k.endswith(".weight"):
+            by_name[k[: -len(".weight")]] = k
+            if k.startswith("text_model."):
+                by_name.setdefault(k[len("text_model.") : -len(".weight")], k)
+    by_kohya = {n.replace(".", "_"): k for n, k in by_name.items()}
     for lf, weight in loras:
         mods = lf.modules.get(component, {})
         if not mods:
@@ -139,7 +147,7 @@ def lora_factors(loras: list[tuple[LoraFile, float]], component: str,
         matched = 0
         unknown = []
         for name, parts in mods.items():
-            key = by_kohya.get(name) if lf.kohya else (name + ".weight" if name + ".weight" in shapes else None)
+            key = (by_kohya if lf.kohya else by_name).get(name)
             if key is None:
                 unknown.append(name)
                 continue
