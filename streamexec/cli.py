@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) with WEIGHT (default 1); "
                    "repeatable; merged on the fly, the base weights are never copied")
+    r.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:WEIGHT> in the prompt finds NAME.safetensors")
     r.add_argument("--init-image", help="img2img: starting image")
     r.add_argument("--strength", type=float, default=0.75, help="img2img strength")
     r.add_argument("--tokenizer", help="tokenizer folder for single-file checkpoints")

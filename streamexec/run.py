@@ -250,13 +250,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
     from .pipelines.progress import Progress
-    from .weights.lora import parse_lora_arg
+    from .weights.lora import parse_lora_arg, prompt_loras
 
     t0 = time.perf_counter()
     model, run, mem, plan = resolve(args)
     budget = _budget(args, mem)
+    prompt, tag_loras = prompt_loras(args.prompt, getattr(args, "lora_dir", None))
+    loras = [parse_lora_arg(a) for a in getattr(args, "lora", None) or run.get("lora") or []] + tag_loras
     req = Request(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps or run.get("steps"), cfg_scale=_first(args.cfg_scale, run.get("cfg_scale")),
         guidance=args.guidance, sampler=args.sampler or run.get("sampler"), karras=args.karras,
         height=args.height or run.get("height"), width=args.width or run.get("width"), strength=args.strength,
@@ -278,7 +280,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, on_term)
     progress = Progress(budget if isinstance(budget, int) else None, quiet=args.quiet)
-    loras = [parse_lora_arg(a) for a in getattr(args, "lora", None) or run.get("lora") or []]
     pipe = open_pipeline(model, memory_budget=budget, tokenizer=args.tokenizer, scratch_dir=args.scratch_dir)
     try:
         if loras:

@@ -133,3 +133,29 @@ def test_lcm_lora_template(env: dict, tmp_path: Path, demo_lora: Path) -> None:
     with Image.open(out) as im:
         params = im.text["parameters"]
     assert "Steps: 4" in params and "lcm" in params.lower() and "CFG scale: 1" in params, params
+
+
+def test_prompt_lora_syntax(tmp_path: Path) -> None:
+    from streamexec.errors import StreamexecError
+    from streamexec.weights.lora import prompt_loras
+
+    (tmp_path / "style_v2.safetensors").write_bytes(b"")
+    clean, found = prompt_loras("a cat, <lora:style_v2:0.7> in the rain <lora:style_v2>", tmp_path)
+    assert clean == "a cat, in the rain"
+    assert found == [(str(tmp_path / "style_v2.safetensors"), 0.7), (str(tmp_path / "style_v2.safetensors"), 1.0)]
+    assert prompt_loras("no tags", None) == ("no tags", [])
+    with pytest.raises(StreamexecError, match=r"no style_v3.safetensors in .* \(close: style_v2\)"):
+        prompt_loras("<lora:style_v3:1>", tmp_path)
+    with pytest.raises(StreamexecError, match="weight 'lots' is not a number"):
+        prompt_loras("<lora:style_v2:lots>", tmp_path)
+    with pytest.raises(StreamexecError, match="--lora-dir"):
+        prompt_loras("<lora:style_v2:1>", None)
+
+
+def test_prompt_tag_equals_lora_flag(env: dict, tmp_path: Path, demo_lora: Path) -> None:
+    tag, flag = tmp_path / "tag.png", tmp_path / "flag.png"
+    res = streamexec("run", "plans/demo.yaml", "--prompt", "a lighthouse <lora:demo_lora:0.8>", "--lora-dir",
+                     str(demo_lora.parent), "--seed", "5", "--steps", "2", "--quiet", "-o", str(tag), env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _run(env, flag, "--lora", f"{demo_lora}:0.8").returncode == 0
+    assert tag.read_bytes() == flag.read_bytes()

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import StreamexecError
 from .safetensors_file import SafetensorsFile
 
-__all__ = ["LoraError", "LoraFile", "read_loras", "read_lora", "parse_lora_arg", "lora_factors", "SUPPORTED"]
+__all__ = ["LoraError", "LoraFile", "read_loras", "read_lora", "parse_lora_arg", "prompt_loras", "lora_factors",
+           "SUPPORTED"]
 
 SUPPORTED = "kohya/AUTOMATIC1111 (lora_unet_…/lora_te_… .lora_down/.lora_up/.alpha) and diffusers/PEFT " \
             "(unet.…/text_encoder.… .lora_A/.lora_B)"
@@ -65,6 +66,40 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     if not np.isfinite(weight):
         raise LoraError(f"--lora {arg}: weight must be finite")
     return path, weight
+
+
+_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def prompt_loras(prompt: str, lora_dir: str | Path | None) -> tuple[str, list[tuple[str, float]]]:
+    """AUTOMATIC1111 / stable-diffusion.cpp prompt syntax: every ``<lora:NAME[:WEIGHT]>`` is removed
+    from ``prompt`` and resolved to ``lora_dir/NAME.safetensors``. Returns (prompt, [(path, weight)])."""
+    tags = list(_TAG.finditer(prompt))
+    if not tags:
+        return prompt, []
+    if lora_dir is None:
+        raise LoraError(f"the prompt names {tags[0].group(0)}: give the folder of LoRA files with --lora-dir")
+    d = Path(lora_dir)
+    if not d.is_dir():
+        raise LoraError(f"--lora-dir {d}: not a folder")
+    found = []
+    for t in tags:
+        name, w = t.group(1).strip(), t.group(2)
+        try:
+            weight = 1.0 if w is None or not w.strip() else float(w)
+        except ValueError:
+            raise LoraError(f"{t.group(0)}: weight {w!r} is not a number") from None
+        path = d / (name if name.endswith(".safetensors") else name + ".safetensors")
+        if not path.is_file():
+            import difflib
+
+            names = sorted(p.stem for p in d.glob("*.safetensors"))
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+            raise LoraError(f"{t.group(0)}: no {path.name} in {d}" + (f" (close: {', '.join(close)})" if close else
+                            f" (it has: {', '.join(names[:5]) or 'no .safetensors'})"))
+        found.append((str(path), weight))
+    clean = re.sub(r"\s{2,}", " ", _TAG.sub("", prompt)).strip().strip(",").strip()
+    return clean, found
 
 
 def read_lora(path: str | Path) -> LoraFile:
