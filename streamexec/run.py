@@ -250,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
     from .pipelines.progress import Progress
-    from .weights.lora import parse_lora_arg, prompt_loras
+    from .weights.lora import lora_hashes, parse_lora_arg, prompt_loras
 
     t0 = time.perf_counter()
     model, run, mem, plan = resolve(args)
@@ -308,6 +308,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             finally:  # also when it fails: what the budget guard did before a --strict stop
                 for w in caught:
                     _log(f"warning: {w.message}")
+        if loras:  # as AUTOMATIC1111 writes them
+            result.parameters["lora_hashes"] = lora_hashes(loras)
         if args.strict and isinstance(budget, int):  # outside the ops too (tokenizer, PNG encoding)
             from .runtime.guard import process_peak
 

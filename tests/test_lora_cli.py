@@ -54,8 +54,18 @@ def test_lora_changes_the_image_and_weight_zero_does_not(env: dict, tmp_path: Pa
     for out, extra in [(plain, ()), (zero, ("--lora", f"{demo_lora}:0")), (lora, ("--lora", f"{demo_lora}:0.8"))]:
         res = _run(env, out, *extra)
         assert res.returncode == 0, res.stderr[-2000:]
-    assert zero.read_bytes() == plain.read_bytes()
-    assert lora.read_bytes() != plain.read_bytes()
+    import hashlib
+
+    from PIL import Image
+
+    px = {}
+    for out in (plain, zero, lora):
+        with Image.open(out) as im:
+            px[out], params = np.asarray(im), im.text["parameters"]
+    assert np.array_equal(px[zero], px[plain])
+    assert not np.array_equal(px[lora], px[plain])
+    digest = hashlib.sha256(demo_lora.read_bytes()).hexdigest()[:12]
+    assert f'Lora hashes: "demo_lora: {digest}@0.8"' in params, params
 
 
 def test_bad_lora_input_is_one_line_exit_2(env: dict, tmp_path: Path, demo_lora: Path) -> None:
@@ -158,4 +168,4 @@ def test_prompt_tag_equals_lora_flag(env: dict, tmp_path: Path, demo_lora: Path)
                      str(demo_lora.parent), "--seed", "5", "--steps", "2", "--quiet", "-o", str(tag), env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert _run(env, flag, "--lora", f"{demo_lora}:0.8").returncode == 0
-    assert tag.read_bytes() == flag.read_bytes()
+    assert tag.read_bytes() == flag.read_bytes()  # same prompt, same LoRA, same parameters

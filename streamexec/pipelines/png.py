@@ -29,7 +29,7 @@ def parameters_text(p: dict) -> str:
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     keys = [("steps", "Steps"), ("sampler", "Sampler"), ("timestep_spacing", "Timestep spacing"), ("eta", "Eta"),
             ("cfg_scale", "CFG scale"), ("guidance", "Guidance"), ("seed", "Seed"), ("size", "Size"),
-            ("model", "Model"), ("strength", "Denoising strength")]
+            ("model", "Model"), ("lora_hashes", "Lora hashes"), ("strength", "Denoising strength")]
     pairs = [f"{label}: {p[k]}" for k, label in keys if p.get(k) is not None]
     pairs.append("Generator: streamexec")
     lines.append(", ".join(pairs))

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import StreamexecError
 from .safetensors_file import SafetensorsFile
 
-__all__ = ["LoraError", "LoraFile", "read_loras", "read_lora", "parse_lora_arg", "prompt_loras", "lora_factors",
+__all__ = ["LoraError", "LoraFile", "read_loras", "read_lora", "parse_lora_arg", "prompt_loras", "lora_hashes",
+           "lora_factors",
            "SUPPORTED"]
 
 SUPPORTED = "kohya/AUTOMATIC1111 (lora_unet_…/lora_te_… .lora_down/.lora_up/.alpha) and diffusers/PEFT " \
@@ -100,6 +101,21 @@ def prompt_loras(prompt: str, lora_dir: str | Path | None) -> tuple[str, list[tu
         found.append((str(path), weight))
     clean = re.sub(r"\s{2,}", " ", _TAG.sub("", prompt)).strip().strip(",").strip()
     return clean, found
+
+
+def lora_hashes(loras: list[tuple[str | Path, float]]) -> str:
+    """The PNG ``Lora hashes`` value as AUTOMATIC1111 writes it: ``"name: hash, ..."`` with the first
+    12 hex digits of each file's SHA-256 and the weight after an ``@`` when it is not 1."""
+    import hashlib
+
+    parts = []
+    for p, w in loras:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        parts.append(f"{Path(p).stem}: {h.hexdigest()[:12]}" + ("" if w == 1 else f"@{w:g}"))
+    return '"' + ", ".join(parts) + '"'
 
 
 def read_lora(path: str | Path) -> LoraFile:
