@@ -83,3 +83,29 @@ def test_lora_sizes() -> None:
     assert lora_factor_bytes(320, 768, 8) == 4 * 8 * (320 + 768)
     assert lora_scratch_bytes(320, 0) == 0
     assert lora_scratch_bytes(10**6, 4) == 4 * 10**6
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16"])
+@pytest.mark.parametrize("kernel,algo", [(3, "winograd"), (3, "direct"), (1, None)])
+def test_conv2d_with_locon_matches_torch(dtype: str, kernel: int, algo) -> None:
+    """LoCon (kxk down, 1x1 up) merged into the conv's decoded panels = torch conv with W + s·up@down."""
+    import torch
+
+    from streamexec.kernels.conv import conv2d
+
+    g = np.random.default_rng(5)
+    cout, cin, r = 24, 16, 3
+    w32 = (g.standard_normal((cout, cin, kernel, kernel)) / np.sqrt(cin * kernel * kernel)).astype(np.float32)
+    base = w32 if dtype == "F32" else w32.astype(np.float16)
+    up = (g.standard_normal((cout, r, 1, 1)) * 0.2).astype(np.float32)
+    down = (g.standard_normal((r, cin, kernel, kernel)) * 0.2).astype(np.float32)
+    x = g.standard_normal((2, cin, 9, 10)).astype(np.float32)
+    pad = kernel // 2
+    ours = conv2d(x, LoraWeight.of(base, dtype, [(up, down, 0.6)]), dtype, padding=pad, algo=algo)
+    merged = torch.from_numpy(base.astype(np.float32)).double() + 0.6 * torch.einsum(
+        "or,rikl->oikl", torch.from_numpy(up[:, :, 0, 0]).double(), torch.from_numpy(down).double())
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(), merged, padding=pad).numpy()
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    plain = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(base.astype(np.float32)).double(),
+                                       padding=pad).numpy()
+    assert np.abs(plain - ref).max() > 1e-2 * np.abs(ref).max()

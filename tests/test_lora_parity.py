@@ -1,4 +1,4 @@
-"""LoRA parity against PEFT/diffusers (issue #18): a tiny SD UNet with LoRAs made by PEFT
+"""LoRA parity against PEFT/diffusers (issue #18): a tiny SD UNet with LoRAs (linear and conv) made by PEFT
 (``unet.add_adapter``), saved in diffusers/PEFT keys (``save_lora_weights``) and rewritten in
 kohya keys; the reference is the PEFT-adapted UNet itself with ``set_adapters(names, weights)``."""
 
@@ -17,7 +17,9 @@ from streamexec.errors import StreamexecError
 pytest.importorskip("peft")
 
 TOL = 1e-4
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+# attention and feed-forward linears, and (LoCon) the resnets' 3x3 convs and the 1x1 proj_in/out convs
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "conv1", "conv2",
+           "proj_in", "proj_out"]
 
 
 def _adapted_unet(tmp: Path):
@@ -40,7 +42,8 @@ def _adapted_unet(tmp: Path):
         with torch.no_grad():
             for pname, p in unet.named_parameters():
                 if f".{name}." in pname and "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[1] ** 0.5)
+                    # fp16-exact values: the kohya copy is stored in fp16, the reference stays the same
+                    p.copy_((torch.randn(p.shape, generator=g) * 0.3 / p.shape[1] ** 0.5).half().float())
         sd = get_peft_model_state_dict(unet, adapter_name=name)
         # diffusers/PEFT keys, alpha as a tensor (diffusers would take alpha = r without it)
         peft_sd = {k: v.contiguous() for k, v in sd.items()}

@@ -43,16 +43,19 @@ class LoraWeight:
     up: np.ndarray
     down: np.ndarray
 
-    ndim = 2
+    @property
+    def ndim(self) -> int:
+        return len(self.base.shape)
 
     @classmethod
     def of(cls, base, tag: str, factors: list[tuple[np.ndarray, np.ndarray, float]]) -> LoraWeight:
         """Wrap ``base`` with ``factors`` = [(up [N, r_i], down [r_i, K], scale_i)] (scale_i is the
         whole multiplier: user weight x alpha / rank)."""
-        n, k = base.shape
+        n, k = base.shape[0], int(np.prod(base.shape[1:]))  # a conv weight: [Cout, Cin * kh * kw]
         ups, downs = [], []
         for up, down, s in factors:
             up, down = np.asarray(up, np.float32), np.asarray(down, np.float32)
+            up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)  # LoCon: 1x1 up, kxk down
             if up.ndim != 2 or down.ndim != 2 or up.shape[0] != n or down.shape[1] != k or up.shape[1] != down.shape[0]:
                 raise ValueError(f"LoRA factors up {up.shape} / down {down.shape} do not fit a weight of shape "
                                  f"{(n, k)}")
@@ -74,6 +77,14 @@ class LoraWeight:
     @property
     def nbytes(self) -> int:
         return int(self.base.nbytes)
+
+    def as_2d(self) -> LoraWeight:
+        """A conv weight [Cout, Cin, kh, kw] as the [Cout, Cin * kh * kw] matrix the conv kernel
+        decodes (the down factor is stored flattened the same way)."""
+        if len(self.base.shape) == 2:
+            return self
+        return LoraWeight(np.ascontiguousarray(self.base).reshape(self.base.shape[0], -1), self.tag, self.up,
+                          self.down)
 
     def __getitem__(self, sl: slice) -> LoraWeight:
         if not isinstance(sl, slice) or sl.step not in (None, 1):

@@ -25,6 +25,7 @@ that fits, computed by the same walk with every choice at its smallest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 
 from ..errors import BudgetError
 from ..models.graph import Graph
@@ -93,7 +94,7 @@ def lora_bytes(w: WeightTable) -> int:
     """RAM of the LoRA factors the weights carry (f32, resident for the whole run)."""
     from ..kernels.lora import lora_factor_bytes
 
-    return sum(lora_factor_bytes(m.shape[0], m.shape[1], m.lora_rank) for m in w.values() if m.lora_rank)
+    return sum(lora_factor_bytes(m.shape[0], prod(m.shape[1:]), m.lora_rank) for m in w.values() if m.lora_rank)
 
 
 class _Walk:

@@ -6,7 +6,8 @@ Formats (detected by keys):
   one with dots turned into underscores, resolved against the component's own keys.
 - diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``.lora.down/up``,
   ``text_encoder.…``); scale alpha/rank with ``.alpha`` when present, else 1 (diffusers' default).
-LyCORIS LoHa/LoKr and conv (LoCon) factors are refused with a message naming what is supported.
+Conv LoRAs (LoCon: kxk down, 1x1 up) apply to conv weights. LyCORIS LoHa/LoKr are refused with a
+message naming what is supported.
 
 The factors are small: they are decoded to f32 and kept in RAM; the merge happens panel by panel
 in the kernels (``kernels.lora.LoraWeight``).
@@ -28,7 +29,7 @@ __all__ = ["LoraError", "LoraFile", "read_loras", "read_lora", "parse_lora_arg",
            "SUPPORTED"]
 
 SUPPORTED = "kohya/AUTOMATIC1111 (lora_unet_…/lora_te_… .lora_down/.lora_up/.alpha) and diffusers/PEFT " \
-            "(unet.…/text_encoder.… .lora_A/.lora_B)"
+            "(unet.…/text_encoder.… .lora_A/.lora_B), linear and conv (LoCon)"
 
 # component -> key prefixes in each format
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -148,12 +149,13 @@ def read_lora(path: str | Path) -> LoraFile:
             if "up" not in parts or "down" not in parts:
                 raise LoraError(f"{path}: {comp} module {name} has no {'up' if 'up' not in parts else 'down'} factor")
             up, down = parts["up"], parts["down"]
-            if up.ndim != 2 or down.ndim != 2:
-                if up.ndim == 4 and down.ndim == 4 and up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
-                    parts["up"], parts["down"] = up[:, :, 0, 0].copy(), down[:, :, 0, 0].copy()
-                else:
-                    raise LoraError(f"{path}: {comp} module {name} is a conv LoRA (LoCon, factors {down.shape} / "
-                                    f"{up.shape}): not supported yet; supported: linear layers in {SUPPORTED}")
+            if up.ndim == 4 and down.ndim == 4 and up.shape[2:] == (1, 1):  # conv (LoCon): kxk down, 1x1 up
+                parts["up"] = up.reshape(up.shape[0], -1)
+                parts["kernel"] = down.shape[2:]
+                parts["down"] = down.reshape(down.shape[0], -1)
+            elif up.ndim != 2 or down.ndim != 2:
+                raise LoraError(f"{path}: {comp} module {name}: factors {down.shape} / {up.shape} are neither a "
+                                f"linear nor a conv (LoCon) LoRA; supported: {SUPPORTED}")
             if parts["up"].shape[1] != parts["down"].shape[0]:
                 raise LoraError(f"{path}: {comp} module {name}: rank of up {parts['up'].shape} and down "
                                 f"{parts['down'].shape} differ")
@@ -204,12 +206,12 @@ def lora_factors(loras: list[tuple[LoraFile, float]], component: str,
                 continue
             up, down = parts["up"], parts["down"]
             shape = shapes[key]
-            if (up.shape[0], down.shape[1]) != tuple(shape[:2]):
-                raise LoraError(f"{lf.path}: {component} module {name}: LoRA gives {(up.shape[0], down.shape[1])}, "
+            kernel = tuple(parts.get("kernel", (1, 1)))
+            gives = (up.shape[0], down.shape[1] // (kernel[0] * kernel[1]), *kernel)
+            want = tuple(shape) if len(shape) == 4 else (*shape, 1, 1)
+            if len(shape) not in (2, 4) or gives != want:
+                raise LoraError(f"{lf.path}: {component} module {name}: LoRA gives {gives[:len(shape)]}, "
                                 f"the model's {key} is {tuple(shape)} (a LoRA for another model?)")
-            if len(shape) != 2:
-                raise LoraError(f"{lf.path}: {component} module {name} targets the conv weight {key} {tuple(shape)}: "
-                                f"conv LoRAs are not supported yet")
             rank = down.shape[0]
             alpha = float(parts["alpha"].reshape(-1)[0]) if "alpha" in parts else float(rank)
             out.setdefault(key, []).append((up, down, weight * alpha / rank))

@@ -65,8 +65,10 @@ class WeightStore:
 
         self.lora = {}
         for key, fs in factors.items():
-            lw = LoraWeight.of(np.lib.stride_tricks.as_strided(np.empty(0, np.uint8), self.shape(key), (0, 0)),
-                               self.dtype(key), fs)  # only the shape is needed here
+            shape = self.shape(key)
+            flat = (shape[0], int(np.prod(shape[1:])))  # only the shape is needed here
+            lw = LoraWeight.of(np.lib.stride_tricks.as_strided(np.empty(0, np.uint8), flat, (0, 0)),
+                               self.dtype(key), fs)
             self.lora[key] = (lw.up, lw.down)
 
     def lora_bytes(self) -> int:
