@@ -20,7 +20,8 @@ def streamexec(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def demo_lora(tmp_path_factory) -> Path:
-    """A kohya LoRA on the demo UNet's attention q/k and the text encoder's q_proj (rank 2)."""
+    """A kohya LoRA on the demo UNet's attention q/k and resnet conv1 (LoCon) and the text encoder's
+    q_proj (rank 2)."""
     from safetensors.numpy import save_file
 
     from streamexec.pipelines.demo import ensure_demo_model
@@ -33,11 +34,11 @@ def demo_lora(tmp_path_factory) -> Path:
                                 ("text_encoder", "lora_te_", ("q_proj.weight",))]:
         store = ckpt.store(comp)
         for key in store.keys():
-            if key.endswith(names):
-                n, k = store.shape(key)
+            if key.endswith(names) or (comp == "unet" and key.endswith("conv1.weight")):  # + LoCon on resnets
+                n, *k = store.shape(key)
                 base = prefix + key[: -len(".weight")].replace(".", "_")
-                tensors[base + ".lora_down.weight"] = g.standard_normal((2, k)).astype(np.float16)
-                tensors[base + ".lora_up.weight"] = g.standard_normal((n, 2)).astype(np.float16)
+                tensors[base + ".lora_down.weight"] = g.standard_normal((2, *k)).astype(np.float16)
+                tensors[base + ".lora_up.weight"] = g.standard_normal((n, 2, *[1] * (len(k) - 1))).astype(np.float16)
                 tensors[base + ".alpha"] = np.array(2.0, np.float32)
     path = tmp_path_factory.mktemp("lora") / "demo_lora.safetensors"
     save_file(tensors, str(path))
@@ -83,8 +84,8 @@ def test_bad_lora_input_is_one_line_exit_2(env: dict, tmp_path: Path, demo_lora:
 
 
 def test_planner_counts_the_lora_factors_and_scratch(demo_lora: Path) -> None:
-    """The fit of a LoRA'd UNet charges the factors (4 bytes x rank x (N + K) per weight, counted
-    here from the file's shapes) on top of the same fit without the LoRA."""
+    """The fit of a LoRA'd UNet charges the factors (4 bytes per factor element, counted here from
+    the file's shapes) on top of the same fit without the LoRA, and more scratch."""
     from safetensors.numpy import load_file
 
     import streamexec
@@ -92,7 +93,7 @@ def test_planner_counts_the_lora_factors_and_scratch(demo_lora: Path) -> None:
     from streamexec.pipelines.demo import ensure_demo_model
 
     factors = load_file(str(demo_lora))
-    want = sum(4 * a.shape[0] * a.shape[1] for k, a in factors.items()
+    want = sum(4 * a.size for k, a in factors.items()
                if k.startswith("lora_unet_") and not k.endswith(".alpha"))
     fits = []
     for loras in ([], [(demo_lora, 0.5)]):
@@ -102,6 +103,7 @@ def test_planner_counts_the_lora_factors_and_scratch(demo_lora: Path) -> None:
     assert fits[1].baseline == fits[0].baseline
     assert fits[1].memory[0].baseline - fits[0].memory[0].baseline == want
     assert fits[1].peak >= fits[0].peak + want
+    assert sum(m.scratch for m in fits[1].memory) > sum(m.scratch for m in fits[0].memory)
 
 
 def test_plan_with_lora_records_it_and_run_applies_it(env: dict, tmp_path: Path, demo_lora: Path) -> None:

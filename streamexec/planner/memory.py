@@ -126,6 +126,12 @@ def _conv_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
                                  panel_rows=params.get("panel_rows"), **_conv_kw(op))
     if "bias" in op.weights:
         total += F32 * meta.shape[0]
+    if meta.lora_rank:  # LoRA'd: panels are decoded even from F32 (the kernel's own plan), + the temporary
+        p = conv2d_plan(x, meta.shape, meta.dtype, band_rows=params.get("band_rows"),
+                        panel_rows=params.get("panel_rows"), **_conv_kw(op))
+        k = prod(meta.shape[1:])
+        total += p.workers * ((F32 * p.panel_rows * (p.k if p.pointwise else p.kc) if meta.dtype == "F32" else 0)
+                              + lora_scratch_bytes(k, meta.lora_rank))
     return total
 
 
