@@ -31,7 +31,8 @@ class StreamedModel:
     """A component of a checkpoint, run layer by layer. Graphs are built per input shape."""
 
     def __init__(self, ckpt: Checkpoint, comp: Component, memory_budget: int | str | None,
-                 baseline: int | None = None, scratch_dir: str | None = None, *, strict: bool = False) -> None:
+                 baseline: int | None = None, scratch_dir: str | None = None, *, strict: bool = False,
+                 loras: list[tuple[str | Path, float]] | None = None) -> None:
         self.checkpoint = ckpt
         self.component = comp
         self.config = dict(comp.config or {})
@@ -46,11 +47,23 @@ class StreamedModel:
         self.guard = True
         self.scratch_dir = scratch_dir
         self.store: WeightStore = ckpt.store(comp.name)
+        if loras:
+            self.set_loras(loras)
         self._graphs: dict[tuple, tuple[Graph, Fit]] = {}
         self.last_executor: Executor | None = None
         self.last_fit: Fit | None = None
         self.trace = False
         self._planned: list = []
+
+    def set_loras(self, loras: list[tuple[str | Path, float]]) -> None:
+        """Apply LoRA files ``[(path, weight), ...]`` (weights/lora.py formats) to this component:
+        their factors stay separate and are merged panel by panel (``kernels.lora``). Raises
+        LoraError when one matches nothing here or does not fit."""
+        from .weights.lora import lora_factors, read_lora
+
+        files = [(read_lora(p), float(w)) for p, w in loras]
+        shapes = {k: t.shape for k, t in self.store.tensors.items()}
+        self.store.set_lora(lora_factors(files, self.component.name, shapes))
 
     def weight_info(self, key: str):
         t = self.store.tensors.get(key)
@@ -326,7 +339,8 @@ def model_class(comp: Component) -> type[StreamedModel] | None:
 def load(path: str | Path | None = None, component: str | None = None, memory_budget: str | int | None = None,
          variant: str | None = None, *, baseline: int | None = None, scratch_dir: str | None = None,
          strict: bool = False, diffusion_model: str | Path | None = None, vae: str | Path | None = None,
-         clip_l: str | Path | None = None, t5xxl: str | Path | None = None) -> StreamedModel:
+         clip_l: str | Path | None = None, t5xxl: str | Path | None = None,
+         loras: list[tuple[str | Path, float]] | None = None) -> StreamedModel:
     """Open ``path`` (file, component folder or pipeline folder) and return one component, ready
     to run within ``memory_budget`` (e.g. "400M": peak RSS of the whole process; None = no bound,
     the fastest schedule; "min" = the fastest schedule within the smallest budget that fits;
@@ -340,7 +354,10 @@ def load(path: str | Path | None = None, component: str | None = None, memory_bu
     ``strict``: if the process goes over a byte budget anyway (a planner mistake), raise
     ``BudgetExceeded`` naming the op instead of adapting the rest of the run (the default).
     ``diffusion_model``, ``vae``, ``clip_l``, ``t5xxl``: separate files, one per role, as the CLI
-    flags (``path`` may then be None), e.g. ``load(component="vae", vae="ae.safetensors")``."""
+    flags (``path`` may then be None), e.g. ``load(component="vae", vae="ae.safetensors")``.
+
+    ``loras``: LoRA files to apply, ``[(path, weight), ...]`` (kohya/A1111 or diffusers/PEFT keys;
+    merged on the fly, the base weights are never copied)."""
     budget = parse_budget(memory_budget)
     ckpt = assemble(path, {"diffusion_model": diffusion_model, "vae": vae, "clip_l": clip_l, "t5xxl": t5xxl},
                     variant=variant)
@@ -348,4 +365,4 @@ def load(path: str | Path | None = None, component: str | None = None, memory_bu
     cls = model_class(comp)
     if cls is None:
         raise StreamexecError(f"component {comp.name!r} cannot be run yet (supported: {', '.join(MODEL_CLASSES)})")
-    return cls(ckpt, comp, budget, baseline, scratch_dir, strict=strict)
+    return cls(ckpt, comp, budget, baseline, scratch_dir, strict=strict, loras=loras)

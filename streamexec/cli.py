@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD 1.5 guidance scale recorded in the plan; <= 1 plans without classifier-free guidance "
                    "(batch x1, as --no-cfg)")
     _add_sampler_flags(p)
+    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="plan with a LoRA (repeatable; counted in memory, recorded for run)")
     p.add_argument("--vae-mode", choices=["decode", "encode"], default="decode", help="VAE direction to plan")
     p.add_argument("--steps", type=int, default=None, help="denoising steps recorded in the plan")
     p.add_argument(
@@ -118,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--karras", action="store_true", help="Karras sigmas")
     r.add_argument("--height", type=int, default=None)
     r.add_argument("--width", type=int, default=None)
+    r.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) with WEIGHT (default 1); "
+                   "repeatable; merged on the fly, the base weights are never copied")
+    r.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:WEIGHT> in the prompt finds NAME.safetensors")
     r.add_argument("--init-image", help="img2img: starting image")
     r.add_argument("--strength", type=float, default=0.75, help="img2img strength")
     r.add_argument("--tokenizer", help="tokenizer folder for single-file checkpoints")
@@ -193,9 +199,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
+    from pathlib import Path
+
     from .models.registry import COMPONENTS, RunShape, default_size, is_flux
     from .planner.plan import plan_components, save_plan
     from .runtime.process import measure_baseline
+    from .weights.lora import parse_lora_arg
 
     names = args.component or [n for n in COMPONENTS if n in ckpt.components]
     if not names:
@@ -208,8 +217,11 @@ def _write_plan(args: argparse.Namespace, ckpt, budget: int | None) -> int:
     shape = RunShape(args.height or side, args.width or side, max(1, args.batch), cfg=not (flux or no_cfg))
     dtypes = {t.dtype for c in ckpt.components.values() for t in c.tensors.values()}
     baseline = measure_baseline(dtypes)
+    loras = [parse_lora_arg(a) for a in args.lora or []]
     plan = plan_components(ckpt, names, shape, budget, baseline, steps=args.steps, vae_mode=args.vae_mode,
-                           variant=args.variant)
+                           variant=args.variant, loras=loras)
+    if loras:
+        settings["lora"] = [f"{Path(p).resolve()}:{w}" for p, w in loras]
     plan.settings = settings  # what `run` uses unless its own flags say otherwise
     save_plan(plan, args.output)
     for name, cp in plan.components.items():

@@ -275,13 +275,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.generate import Request, open_pipeline
     from .pipelines.png import save_npy, save_png, save_text
     from .pipelines.progress import Progress
+    from .weights.lora import lora_hashes, parse_lora_arg, prompt_loras
     from .weights.roles import role_files
 
     t0 = time.perf_counter()
     model, run, mem, plan = resolve(args)
     budget = _budget(args, mem)
+    prompt, tag_loras = prompt_loras(args.prompt, getattr(args, "lora_dir", None))
+    loras = [parse_lora_arg(a) for a in getattr(args, "lora", None) or run.get("lora") or []] + tag_loras
     req = Request(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps or run.get("steps"), cfg_scale=_first(args.cfg_scale, run.get("cfg_scale")),
         guidance=args.guidance, sampler=args.sampler or run.get("sampler"), karras=args.karras,
         height=args.height or run.get("height"), width=args.width or run.get("width"), strength=args.strength,
@@ -311,6 +314,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if args.taesd:
             pipe.use_tiny_decoder(args.taesd)
+        if loras:
+            pipe.set_loras(loras)
         if not args.quiet:
             _log(f"{pipe.kind} pipeline from {model}, budget "
                  f"{format_size(budget) if isinstance(budget, int) else budget or 'none'}")
@@ -341,6 +346,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             finally:  # also when it fails: what the budget guard did before a --strict stop
                 for w in caught:
                     _log(f"warning: {w.message}")
+        if loras:  # as AUTOMATIC1111 writes them
+            result.parameters["lora_hashes"] = lora_hashes(loras)
         if isinstance(budget, int):  # outside the ops too (tokenizer, PNG encoding)
             from .runtime.guard import process_peak
 

@@ -58,6 +58,7 @@ from numba import njit
 from streamexec.kernels import buffers
 from streamexec.kernels.blas import blas_single_threaded, sgemm_into
 from streamexec.kernels.decode import DECODE_TAGS, decode_block_to_f32, decode_to_f32
+from streamexec.kernels.lora import LoraWeight
 from streamexec.kernels.threads import PARALLEL_MIN_FLOPS, kernel_workers, parallel_items
 from streamexec.kernels.winograd import wino_buffer, wino_buffer_bytes, wino_input, wino_output, wino_weight
 
@@ -462,7 +463,7 @@ def _direct(p: ConvPlan, xa: np.ndarray, w2: np.ndarray, w_dtype: str, b32: np.n
     n, cin, kh, kw, stride, hout, wout = p.n, p.cin, p.kh, p.kw, p.stride, p.hout, p.wout
     pt, _pb, pl, _pr = p.pad
     br, pr, groups, bounds, ci_chunk = p.band_rows, p.panel_rows, p.groups, p.bounds, p.ci_chunk
-    f32_weights = w_dtype == "F32"
+    f32_weights = w_dtype == "F32" and isinstance(w2, np.ndarray)  # a LoraWeight is merged per panel
     m_max = br * wout
 
     def make_state(_w: int) -> _State:
@@ -509,7 +510,7 @@ def _pointwise(p: ConvPlan, xa: np.ndarray, w2: np.ndarray, w_dtype: str, b32: n
     """1x1, stride 1, unpadded: ``out[i, panel, band] = panel @ x[i, :, band]``, no im2col."""
     n, hout, wout = p.n, p.hout, p.wout
     br, pr, groups, bounds = p.band_rows, p.panel_rows, p.groups, p.bounds
-    f32_weights = w_dtype == "F32"
+    f32_weights = w_dtype == "F32" and isinstance(w2, np.ndarray)  # a LoraWeight is merged per panel
     x_flat = xa.reshape(n, p.cin, xa.shape[2] * xa.shape[3])
 
     def make_state(_w: int) -> _State:
@@ -544,7 +545,7 @@ def _winograd(p: ConvPlan, xa: np.ndarray, w2: np.ndarray, w_dtype: str, b32: np
     n, cin, hout, wout = p.n, p.cin, p.hout, p.wout
     pt, _pb, pl, _pr = p.pad
     br, pr, groups, bounds, ci_chunk, tc = p.band_rows, p.panel_rows, p.groups, p.bounds, p.ci_chunk, p.tile_cols
-    f32_weights = w_dtype == "F32"
+    f32_weights = w_dtype == "F32" and isinstance(w2, np.ndarray)  # a LoraWeight is merged per panel
     t_max = n * (br // 2) * tc
     out_np = np.asarray(out_flat)  # a memmap's ndarray view, for Numba
     b_flat = b32.reshape(-1) if b32 is not None else np.empty(0, np.float32)
@@ -634,7 +635,10 @@ def conv2d(
         raise ValueError(f"conv2d expects x [N,Cin,H,W] and w [Cout,Cin,kh,kw]: {x.shape} {w.shape}")
     if x.dtype != np.float32:
         raise TypeError(f"x must be float32, got {x.dtype}")
-    if w.dtype.itemsize != DECODE_TAGS[w_dtype].itemsize:
+    lora = isinstance(w, LoraWeight)  # LoRA/LoCon factors, merged into each decoded panel
+    if lora and w.tag != w_dtype:
+        raise TypeError(f"LoRA-wrapped weight is {w.tag}, but {w_dtype} was asked for")
+    if not lora and w.dtype.itemsize != DECODE_TAGS[w_dtype].itemsize:
         raise TypeError(f"w of dtype {w.dtype} cannot hold {w_dtype} weights")
     n, cin, h, wid = x.shape
     cout, cin_w, kh, kw = w.shape
@@ -662,7 +666,7 @@ def conv2d(
         xa = np.ascontiguousarray(xa)
     xa = xa.view()
     xa.flags.writeable = False  # one compiled specialisation for read-only (mmap) and normal input
-    w2 = np.ascontiguousarray(w).reshape(cout, cin * kh * kw)
+    w2 = w.as_2d() if lora else np.ascontiguousarray(w).reshape(cout, cin * kh * kw)
     b32: np.ndarray | None = None
     if bias is not None:
         btag = bias_dtype or _BIAS_TAG_OF_DTYPE.get(bias.dtype, w_dtype)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamexec.kernels.decode import DECODE_TAGS, readonly_flat
+from streamexec.kernels.lora import LoraWeight
 from streamexec.kernels.qtypes import QTYPES
 from streamexec.kernels.quant_kernels import GGUF_KERNELS, fp8_scaled_rows, nf4_rows
 
@@ -153,7 +154,12 @@ class PackedWeight:
 
 def check_weight(w: np.ndarray | PackedWeight, w_dtype: str) -> None:
     """The kernels' one weight check: a C-contiguous 2-D array in a ``DECODE_TAGS`` storage
-    dtype, or a ``PackedWeight`` of that tag (raises TypeError/ValueError naming the problem)."""
+    dtype, or a ``PackedWeight`` of that tag, either possibly wrapped in a ``kernels.lora.LoraWeight``
+    (raises TypeError/ValueError naming the problem)."""
+    if isinstance(w, LoraWeight):
+        if w.tag != w_dtype:
+            raise TypeError(f"LoRA-wrapped weight is {w.tag}, but {w_dtype} was asked for")
+        w = w.base
     if isinstance(w, PackedWeight):
         if w.tag != w_dtype:
             raise TypeError(f"weight is packed as {w.tag}, but {w_dtype} was asked for")

@@ -218,7 +218,8 @@ def _check_x(x: np.ndarray, k: int | None = None) -> None:
 
 def _check_w(w: np.ndarray, w_dtype: str) -> None:
     # a plain [N, K] array or a block weight (GGUF/NF4/scaled fp8: kernels.dequant.PackedWeight,
-    # whose row slices are views and which decode_to_f32 decodes like any other dtype)
+    # whose row slices are views and which decode_to_f32 decodes like any other dtype), either
+    # possibly wrapped with LoRA factors (kernels.lora.LoraWeight: merged into each panel)
     check_weight(w, w_dtype)
 
 
@@ -249,7 +250,7 @@ class _Job:
     def run(self, r_lo: int, r_hi: int, c_lo: int, c_hi: int, scratch: np.ndarray | None) -> None:
         """out[r_lo:r_hi, c_lo:c_hi]: decode each panel of W once, sgemm it row chunk by chunk."""
         x, k, ld = self.x, self.k, self.out.shape[1]
-        is_f32 = self.w_dtype == "F32"
+        is_f32 = self.w_dtype == "F32" and isinstance(self.w, np.ndarray)
         tile = np.empty(self.row_chunk * self.panel, dtype=np.float32) if self.tiles else None
         for n0 in range(c_lo, c_hi, self.panel):
             p = min(self.panel, c_hi - n0)
@@ -365,7 +366,7 @@ def linear(
             _epilogue(job.out_flat, n, 0, 0, job.out_flat, n, 0, m, 0, n, job.bias, job.res,
                       code, mode)
         return out
-    is_f32 = w_dtype == "F32"
+    is_f32 = w_dtype == "F32" and isinstance(w, np.ndarray)  # not a LoraWeight: merged per panel
 
     # how many workers: worth it when the product or the decode is big enough
     nw = linear_workers() if workers is None else max(1, int(workers))

@@ -130,6 +130,17 @@ class Pipeline:
         self._graph_bytes: dict[int, int] = {}
         self._scratch_dir = scratch_dir
 
+    def set_loras(self, loras: list[tuple[str | Path, float]]) -> None:
+        """Apply LoRA files ``[(path, weight), ...]`` to the components they have modules for
+        (UNet, text encoder); each file is read once. Raises LoraError when a file has nothing
+        for this pipeline, matches nothing, or does not fit."""
+        from ..weights.lora import lora_factors, read_loras
+
+        files = read_loras(loras, list(self.models), f"{self.kind} pipeline")
+        for name, m in self.models.items():
+            shapes = {k: t.shape for k, t in m.store.tensors.items()}
+            m.store.set_lora(lora_factors(files, name, shapes))
+
     def default_steps(self) -> int:
         raise NotImplementedError
 

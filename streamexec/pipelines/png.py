@@ -29,7 +29,7 @@ def parameters_text(p: dict) -> str:
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     keys = [("steps", "Steps"), ("sampler", "Sampler"), ("timestep_spacing", "Timestep spacing"), ("eta", "Eta"),
             ("cfg_scale", "CFG scale"), ("guidance", "Guidance"), ("seed", "Seed"), ("size", "Size"),
-            ("model", "Model"), ("strength", "Denoising strength")]
+            ("model", "Model"), ("lora_hashes", "Lora hashes"), ("strength", "Denoising strength")]
     if p.get("size") is None and p.get("width") and p.get("height"):
         p = {**p, "size": f"{p['width']}x{p['height']}"}  # width x height, as AUTOMATIC1111 writes it
     pairs = [f"{label}: {p[k]}" for k, label in keys if p.get(k) is not None]

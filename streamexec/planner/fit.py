@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field, replace
+from math import prod
 
 from ..errors import BudgetError
 from ..models.graph import Graph
@@ -98,9 +99,18 @@ def weight_table(store) -> WeightTable:
     from .memory import WeightMeta
 
     out = {}
+    lora = getattr(store, "lora", {})
     for k, m in store.tensors.items():
-        out[k] = WeightMeta(tuple(m.shape), m.dtype, m.nbytes * (1 if m.is_view else 2))
+        rank = int(lora[k][1].shape[0]) if k in lora else 0
+        out[k] = WeightMeta(tuple(m.shape), m.dtype, m.nbytes * (1 if m.is_view else 2), rank)
     return out
+
+
+def lora_bytes(w: WeightTable) -> int:
+    """RAM of the LoRA factors the weights carry (f32, resident for the whole run)."""
+    from ..kernels.lora import lora_factor_bytes
+
+    return sum(lora_factor_bytes(m.shape[0], prod(m.shape[1:]), m.lora_rank) for m in w.values() if m.lora_rank)
 
 
 class _Context:
@@ -414,7 +424,7 @@ class _Family:
 
     def __init__(self, graph: Graph, weights: WeightTable, baseline: int) -> None:
         self.ctx = _Context(graph, weights)
-        self.base = baseline + SAFETY_MARGIN
+        self.base = baseline + SAFETY_MARGIN + lora_bytes(weights)  # LoRA factors stay in RAM
         self.smallest = _Walk(self.ctx, 0, self.base, minimal=True).run()
         self.free = _Walk(self.ctx, None, self.base, minimal=False).run()
         self.members: list[tuple[int, _Walk]] = [(self.smallest.peak, self.smallest), (self.free.peak, self.free)]

@@ -20,9 +20,11 @@ from ..kernels.linear import (
     geglu_scratch_bytes,
     hidden_rows,
     linear_scratch_bytes,
+    linear_workers,
     panel_rows_for,
     residual_tile_bytes,
 )
+from ..kernels.lora import lora_scratch_bytes
 from ..models.graph import Graph, Op
 from ..weights.dtypes import DTYPES
 from .streaming import ooc_rows
@@ -37,6 +39,8 @@ class WeightMeta:
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
+    #: summed rank of the LoRA factors carried with this weight (0: none); merged per panel
+    lora_rank: int = 0
 
 
 WeightTable = dict[str, WeightMeta]
@@ -63,7 +67,7 @@ def _linear_options(graph: Graph, op: Op, w: WeightTable) -> list[dict]:
     n, k = meta.shape[:2]
     gate = op.attrs.get("gate")
     m = prod(graph.tensors[op.inputs[0]][:-1])
-    panels = [None] if meta.dtype == "F32" else _halvings(default_panel_rows(k, n), min(32, n))
+    panels = [None] if meta.dtype == "F32" and not meta.lora_rank else _halvings(default_panel_rows(k, n), min(32, n))
     if gate:
         inner = n // 2 if op.attrs.get("gate") == "geglu" else n
         rows = _halvings(hidden_rows(m, inner), min(16, m))
@@ -94,8 +98,10 @@ def _linear_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
         n = n // 2 if gate == "geglu" else n
         total += geglu_scratch_bytes(m, k, n, meta.dtype, row_chunk=params.get("row_chunk"),
                                      panel_rows=params.get("panel_rows"))
-    elif meta.dtype != "F32":
+    elif meta.dtype != "F32" or meta.lora_rank:  # a LoRA'd F32 weight is merged into panels too
         total += linear_scratch_bytes(k, panel_rows_for(k, n, params.get("panel_rows")))
+    if meta.lora_rank:  # the low-rank product's temporary, per worker
+        total += linear_workers() * lora_scratch_bytes(k, meta.lora_rank)
     if len(op.inputs) > 1:  # a residual from disk is accumulated in place, through small tiles
         total += residual_tile_bytes(n)
     return total
@@ -120,6 +126,12 @@ def _conv_scratch(graph: Graph, op: Op, w: WeightTable, params: dict) -> int:
                                  panel_rows=params.get("panel_rows"), **_conv_kw(op))
     if "bias" in op.weights:
         total += F32 * meta.shape[0]
+    if meta.lora_rank:  # LoRA'd: panels are decoded even from F32 (the kernel's own plan), + the temporary
+        p = conv2d_plan(x, meta.shape, meta.dtype, band_rows=params.get("band_rows"),
+                        panel_rows=params.get("panel_rows"), **_conv_kw(op))
+        k = prod(meta.shape[1:])
+        total += p.workers * ((F32 * p.panel_rows * (p.k if p.pointwise else p.kc) if meta.dtype == "F32" else 0)
+                              + lora_scratch_bytes(k, meta.lora_rank))
     return total
 
 

@@ -76,9 +76,14 @@ class Plan:
 
 
 def plan_components(ckpt: Checkpoint, names: list[str], shape: RunShape, budget: int | str | None, baseline: int,
-                    steps: int | None = None, vae_mode: str = "decode", variant: str | None = None) -> Plan:
-    """Build and fit every named component of ``ckpt`` for a run of ``shape``."""
+                    steps: int | None = None, vae_mode: str = "decode", variant: str | None = None,
+                    loras: list[tuple[str, float]] | None = None) -> Plan:
+    """Build and fit every named component of ``ckpt`` for a run of ``shape`` (with ``loras``
+    [(path, weight)]: their factors and scratch are counted)."""
     from ..kernels.threads import kernel_workers
+    from ..weights.lora import lora_factors, read_loras
+
+    files = read_loras(loras, names) if loras else []
 
     configs = {n: dict(c.config or {}) for n, c in ckpt.components.items()}
     plan = Plan(str(ckpt.root), variant, ckpt.fingerprint(), budget, baseline,
@@ -88,6 +93,8 @@ def plan_components(ckpt: Checkpoint, names: list[str], shape: RunShape, budget:
         comp = ckpt.component(name)
         store = ckpt.store(name)
         try:
+            if files:
+                store.set_lora(lora_factors(files, name, {k: t.shape for k, t in store.tensors.items()}))
             table = weight_table(store)
 
             def info(key: str, table=table):
@@ -241,7 +248,10 @@ def read_plan_dict(path: str | Path) -> dict:
             raise PlanError(f"{path}: '{section}' must be a mapping")
     for section in ("run", "memory"):
         for k, v in (d.get(section) or {}).items():
-            if v is not None and not isinstance(v, (int, float, str, bool)):
+            if section == "run" and k == "lora":  # LoRA files to apply: a list of FILE:WEIGHT
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise PlanError(f"{path}: run.lora must be a list of FILE:WEIGHT strings, not {v!r}")
+            elif v is not None and not isinstance(v, (int, float, str, bool)):
                 raise PlanError(f"{path}: {section}.{k} must be a number or a string")
     return d
 

@@ -54,6 +54,26 @@ class WeightStore:
         self._pending = 0
         self._idle = threading.Condition(self._lock)
         self.bytes_prefetched = 0
+        #: LoRA factors by key (``set_lora``): ``get`` hands those weights out wrapped in a
+        #: ``kernels.lora.LoraWeight``, merged panel by panel by the kernels
+        self.lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def set_lora(self, factors: dict[str, list[tuple[np.ndarray, np.ndarray, float]]]) -> None:
+        """Attach LoRA factors ``{key: [(up [N, r], down [r, K], scale), ...]}`` (replaces any
+        earlier set); they are stacked once: up columns pre-scaled, ranks summed."""
+        from ..kernels.lora import LoraWeight  # numba: only when a LoRA is used
+
+        self.lora = {}
+        for key, fs in factors.items():
+            shape = self.shape(key)
+            flat = (shape[0], int(np.prod(shape[1:])))  # only the shape is needed here
+            lw = LoraWeight.of(np.lib.stride_tricks.as_strided(np.empty(0, np.uint8), flat, (0, 0)),
+                               self.dtype(key), fs)
+            self.lora[key] = (lw.up, lw.down)
+
+    def lora_bytes(self) -> int:
+        """RAM of the attached LoRA factors."""
+        return sum(int(u.nbytes + d.nbytes) for u, d in self.lora.values())
 
     # -- metadata (no data touched) --------------------------------------------------------
     def keys(self) -> list[str]:
@@ -109,9 +129,15 @@ class WeightStore:
             arr = np.concatenate([self._part_view(p) for p in m.parts], axis=0).reshape(m.shape)
         with self._lock:
             self._live.setdefault(key, m.nbytes)
+        tag = m.dtype
         if m.scale is not None:  # ComfyUI scaled fp8: the kernels apply the scale per panel
-            return Tensor(self._scaled(key, arr, m.scale), "F8_E4M3_SCALED")
-        return Tensor(arr, m.dtype)
+            arr, tag = self._scaled(key, arr, m.scale), "F8_E4M3_SCALED"
+        f = self.lora.get(key)
+        if f is not None:  # LoRA factors: added to each decoded panel, never merged into a copy
+            from ..kernels.lora import LoraWeight
+
+            return Tensor(LoraWeight(arr, tag, f[0], f[1]), tag)
+        return Tensor(arr, tag)
 
     def _scaled(self, key: str, arr: np.ndarray, ref: TensorRef):
         from ..kernels.dequant import PackedWeight
