@@ -262,3 +262,26 @@ FLUX_MID = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=4,
                 num_attention_heads=12, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
 FLUX_BUDGET = 300 << 20
+
+
+def tiny_autoencoder(latent: int, width: int, blocks: tuple[int, ...], seed: int):
+    from diffusers import AutoencoderTiny
+
+    model = AutoencoderTiny(latent_channels=latent, decoder_block_out_channels=(width,) * len(blocks),
+                            num_decoder_blocks=blocks, encoder_block_out_channels=(8,) * len(blocks),
+                            num_encoder_blocks=(1,) * len(blocks)).eval()
+    randomize(model, seed)
+    return model
+
+
+def original_decoder_file(model, path: Path) -> Path:
+    """The decoder's weights as madebyollin's taesd_decoder.safetensors names them (index + 1: the
+    original Sequential starts with the weightless Clamp)."""
+    sd = {}
+    for k, v in model.decoder.state_dict().items():
+        n, rest = k.removeprefix("layers.").split(".", 1)
+        sd[f"{int(n) + 1}.{rest}"] = v.contiguous()
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+    return path

@@ -12,34 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import randomize, rel_err
+from helpers import original_decoder_file, rel_err, tiny_autoencoder
 from safetensors.torch import save_file
 
 import streamexec
 from streamexec.errors import StreamexecError
 
 TOL = 1e-4
-
-
-def tiny_autoencoder(latent: int, width: int, blocks: tuple[int, ...], seed: int):
-    from diffusers import AutoencoderTiny
-
-    model = AutoencoderTiny(latent_channels=latent, decoder_block_out_channels=(width,) * len(blocks),
-                            num_decoder_blocks=blocks, encoder_block_out_channels=(8,) * len(blocks),
-                            num_encoder_blocks=(1,) * len(blocks)).eval()
-    randomize(model, seed)
-    return model
-
-
-def original_decoder_file(model, path: Path) -> Path:
-    """The decoder's weights as madebyollin's taesd_decoder.safetensors names them (index + 1: the
-    original Sequential starts with the weightless Clamp)."""
-    sd = {}
-    for k, v in model.decoder.state_dict().items():
-        n, rest = k.removeprefix("layers.").split(".", 1)
-        sd[f"{int(n) + 1}.{rest}"] = v.contiguous()
-    save_file(sd, str(path))
-    return path
 
 
 def _latents(latent: int, size: int, seed: int) -> torch.Tensor:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import original_decoder_file, tiny_autoencoder
 from PIL import Image
 from safetensors.torch import save_file
-from test_taesd import original_decoder_file, tiny_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "2", "--height", "128", "--width", "128", "--prompt", "a cat", "--seed", "2"]
