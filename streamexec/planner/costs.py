@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from math import prod
 
 from ..models.graph import Graph, Op
+from ..weights.dtypes import F32_BYTES
 
-F32 = 4
+F32 = F32_BYTES  # bytes of an f32 activation or decoded weight
 
 
 @dataclass

@@ -26,10 +26,10 @@ from ..kernels.linear import (
 )
 from ..kernels.lora import lora_scratch_bytes
 from ..models.graph import Graph, Op
-from ..weights.dtypes import DTYPES
+from ..weights.dtypes import DTYPES, F32_BYTES
 from .streaming import ooc_rows
 
-F32 = 4
+F32 = F32_BYTES  # bytes of an f32 activation or decoded weight
 
 
 @dataclass(frozen=True)

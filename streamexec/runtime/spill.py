@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import StreamexecError
 from ..planner.streaming import row_axis
 from ..sizes import format_size
+from ..weights.dtypes import F32_BYTES
 
 
 class SpillError(StreamexecError):
@@ -172,7 +173,7 @@ class SpillStore:
             raise SpillError("the scratch folder is closed")
         self._n += 1
         path = self.dir / f"t{self._n:05d}.bin"
-        nbytes = int(np.prod(shape)) * 4
+        nbytes = int(np.prod(shape)) * F32_BYTES
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
@@ -193,7 +194,7 @@ class SpillStore:
             try:
                 done = 0
                 while done < len(view):
-                    done += os.pwrite(fd, view[done:], offset * 4 + done)
+                    done += os.pwrite(fd, view[done:], offset * F32_BYTES + done)
             finally:
                 os.close(fd)
         except OSError as e:
