@@ -309,17 +309,8 @@ class GGUFFile(MappedFile):
         self._base = np.frombuffer(mm, dtype=np.uint8)
 
     # -- metadata -------------------------------------------------------------------------
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
-
     def info(self, key: str) -> GGUFTensorInfo:
-        try:
-            return self.tensors[key]
-        except KeyError:
-            raise CheckpointError(self.path, f"no tensor named {key!r}") from None
+        return super().info(key)
 
     @property
     def header_bytes(self) -> bytes:

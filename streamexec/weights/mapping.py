@@ -23,15 +23,27 @@ _MADV_POPULATE_READ = 22  # Linux >= 5.14; not exported by Python's mmap module
 
 class MappedFile:
     """Base of the file readers: ``path``, ``size``, the mapping ``_mm`` and its uint8 view
-    ``_base``. Subclasses set them in ``__init__`` and provide ``info(key)`` with ``begin``/``end``."""
+    ``_base``. Subclasses set them and ``tensors`` in ``__init__``."""
 
     path: Path
     size: int
+    #: name -> the subclass's tensor info (with ``begin``/``end`` in the file)
+    tensors: dict
     _mm: mmap.mmap | None = None
     _base: np.ndarray | None = None
 
-    def info(self, key: str):  # pragma: no cover - provided by the subclass
-        raise NotImplementedError
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str):
+        """The tensor's info; a name the file does not hold is one CheckpointError line."""
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise CheckpointError(self.path, f"no tensor named {key!r}") from None
 
     def byte_range(self, key: str) -> tuple[int, int]:
         t = self.info(key)

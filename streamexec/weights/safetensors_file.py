@@ -210,17 +210,8 @@ class SafetensorsFile(MappedFile):
         self._base = np.frombuffer(self._mm, dtype=np.uint8)
 
     # -- metadata -------------------------------------------------------------------------
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
-
     def info(self, key: str) -> TensorInfo:
-        try:
-            return self.tensors[key]
-        except KeyError:
-            raise CheckpointError(self.path, f"no tensor named {key!r}") from None
+        return super().info(key)
 
     # -- data -----------------------------------------------------------------------------
     def view(self, key: str) -> np.ndarray:
